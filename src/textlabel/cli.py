@@ -1,0 +1,82 @@
+"""Command-line entry points: ``textlabel train|...`` and the ``jobs/*.py`` scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from textlabel.config import ConfigError, LabelConfig, TrainConfig, parse_config
+from textlabel.data import DataError
+from textlabel.model import ModelError
+from textlabel.storage import StorageError
+
+logger = logging.getLogger("textlabel")
+
+# Problems the user can fix: one line, no traceback, exit code 2.
+USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
+
+
+def setup_logging() -> None:
+    """Log textlabel's lines to stderr with timestamps (called once, by the entry point)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def init_ray() -> None:
+    """Join the cluster (``ray job submit``, ``RAY_ADDRESS``) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A job submitted to a cluster, or RAY_ADDRESS, names the cluster; otherwise start one here.
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> int:
+    setup_logging()
+    try:
+        job(argv)
+    except USER_ERRORS as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def _train(argv: list[str] | None) -> object:
+    cfg = parse_config(TrainConfig, argv, "textlabel train", "Fine-tune a BERT-family classifier with Ray Train.")
+    init_ray()
+    from textlabel.train import run_training
+
+    return run_training(cfg)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``jobs/train.py``: fine-tune; exit 0 on success, 2 on bad input, 1 on failure."""
+    return _run(_train, argv)
+
+
+def _label(argv: list[str] | None) -> object:
+    cfg = parse_config(LabelConfig, argv, "textlabel label", "Label Parquet corpora with a fine-tuned classifier, on Ray Data.")
+    from textlabel.label import check_inputs, run_labelling
+
+    check_inputs(cfg)  # bad input fails before Ray starts or any model loads
+    init_ray()
+    return run_labelling(cfg)
+
+
+def label_main(argv: list[str] | None = None) -> int:
+    """``jobs/label.py``: label a corpus; exit 0 on success, 2 on bad input, 1 on failure."""
+    return _run(_label, argv)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``textlabel COMMAND [options]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: textlabel {{{','.join(COMMANDS)}}} [options]  (textlabel COMMAND --help)", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,209 @@
+"""Typed job configurations, validated in one place, and the CLI built from them.
+
+Each job has one dataclass. A field's ``metadata["help"]`` is its one-line
+documentation; ``--help`` and the README are generated from the same text.
+Values come from, lowest priority first: the field default, ``--config FILE.yaml``,
+command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, each naming the option and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _opt(default: Any, help: str, required: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "required": required})
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of the fine-tuning job (``jobs/train.py``)."""
+
+    data: str = _opt("", "Training rows: a Parquet file or prefix (every *.parquet under it), or a .csv/.tsv file; local path, file:// or s3://.", True)
+    output: str = _opt("", "Where the run writes model/, metrics.json and checkpoints/ (local path, file:// or s3://). Rerunning with the same output resumes.", True)
+    validation_data: str | None = _opt(None, "Validation rows (same formats as --data). Without it, a seeded stratified --val-fraction of --data is held out.")
+    model: str | None = _opt(None, "Base model: a Hugging Face hub id, a local directory or an s3:// directory. Default: the packaged all-MiniLM-L6-v2.")
+    text_column: str = _opt("text", "Column holding the text.")
+    label_column: str = _opt("label", "Column holding the label (strings or integers).")
+    val_fraction: float = _opt(0.2, "Share of --data held out for validation when --validation-data is not given.")
+    num_workers: int = _opt(2, "Ray Train workers (one GPU each with --use-gpu).")
+    use_gpu: bool = _opt(False, "Train on GPUs (one per worker), with bf16 autocast.")
+    cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker.")
+    epochs: int = _opt(3, "Passes over the training rows.")
+    batch_size: int = _opt(32, "Rows per optimizer step, per worker.")
+    learning_rate: float = _opt(5e-5, "Peak AdamW learning rate (linear warmup, then linear decay).")
+    warmup_ratio: float = _opt(0.1, "Share of all steps spent warming the learning rate up.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
+    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated. Batches pad to their own longest row.")
+    seed: int = _opt(0, "Seed for the split, shuffling and initialisation.")
+    max_failures: int = _opt(3, "Worker failures to recover from (from the latest checkpoint) before giving up.")
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = _missing_required(self)
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "cpus_per_worker"])
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_failures < -1:
+            problems.append("--max-failures must be -1 (unlimited) or >= 0")
+        if self.text_column == self.label_column:
+            problems.append(f"--text-column and --label-column are both {self.text_column!r}: name two different columns")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class LabelConfig:
+    """Configuration of the labelling job (``jobs/label.py``)."""
+
+    model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
+    input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
+    output: str = _opt("", "Output prefix: labelled Parquet files and _summary.json are written under it.", True)
+    text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
+    label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score), e.g. pred_ when the input has a label column.")
+    batch_size: int = _opt(64, "Rows per model call (length-grouped, padded only to the batch's longest row).")
+    num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX to autoscale the pool.")
+    cpus_per_actor: float = _opt(1.0, "CPUs reserved per predictor actor (torch uses as many threads).")
+    use_gpu: bool = _opt(False, "Run predictors on GPUs, with bf16 autocast.")
+    gpus_per_actor: float = _opt(1.0, "GPUs per predictor actor with --use-gpu.")
+    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
+    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (faster; see README for its accuracy cost).")
+    rows_per_file: int = _opt(1_000_000, "Most rows per output Parquet file.")
+
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) predictor actors from --num-actors."""
+        parts = [p.strip() for p in str(self.num_actors).split(",")]
+        lo, hi = (parts[0], parts[-1]) if len(parts) <= 2 else ("x", "x")
+        return int(lo), int(hi)
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = _missing_required(self)
+        problems += _positive(self, ["batch_size", "max_length", "cpus_per_actor", "gpus_per_actor", "rows_per_file"])
+        try:
+            lo, hi = self.pool_size()
+            if not 1 <= lo <= hi:
+                raise ValueError
+        except ValueError:
+            problems.append(f"--num-actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
+        if self.quantize and self.use_gpu:
+            problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
+        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
+            problems.append("--output must differ from --input: labels are written beside, not over, the corpus")
+        if problems:
+            raise ConfigError(problems)
+
+
+def _missing_required(cfg: Any) -> list[str]:
+    return [
+        f"--{f.name.replace('_', '-')} is required"
+        for f in dataclasses.fields(cfg)
+        if f.metadata.get("required") and not getattr(cfg, f.name)
+    ]
+
+
+def _positive(cfg: Any, names: list[str]) -> list[str]:
+    return [
+        f"--{n.replace('_', '-')} must be > 0, got {getattr(cfg, n)}"
+        for n in names
+        if getattr(cfg, n) <= 0
+    ]
+
+
+C = TypeVar("C")
+
+
+def _base_type(tp: Any) -> type:
+    """``int | None`` -> int; ``list[str]`` -> list."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return typing.get_origin(tp) or tp
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per dataclass field (defaults from the class)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, argument_default=argparse.SUPPRESS
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="Read options from YAML (keys are the option names); command-line flags win.")
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = types_[f.name]
+        default = "" if f.metadata.get("required") or f.default is None else f" (default: {f.default})"
+        help_ = f.metadata["help"] + ("" if tp is bool else default)
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        elif tp is list:
+            parser.add_argument(flag, action="append", metavar=f.name.upper(), help=help_ + "; repeatable")
+        else:
+            parser.add_argument(flag, type=tp, metavar=f.name.upper(), help=help_)
+    return parser
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    types_ = _field_types(cls)
+    out, problems = {}, []
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in types_:
+            problems.append(f"unknown option {key!r} in the config file; known: {', '.join(sorted(types_))}")
+            continue
+        tp = types_[name]
+        try:
+            if value is None or tp in (list, dict):
+                out[name] = value
+            elif tp is bool and not isinstance(value, bool):
+                raise TypeError
+            else:
+                out[name] = tp(value)
+        except (TypeError, ValueError):
+            problems.append(f"option {key!r}: expected {tp.__name__}, got {value!r}")
+    return out, problems
+
+
+def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: str) -> C:
+    """Parse flags and an optional YAML file into a validated ``cls``."""
+    args = vars(build_parser(cls, prog, description).parse_args(argv))
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    config_path = args.pop("config", None)
+    if config_path:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError([f"--config {config_path}: no such file"])
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"--config {config_path}: expected a mapping of option: value"])
+        values, problems = _coerce(cls, loaded)
+    values.update(args)
+    if problems:
+        raise ConfigError(problems)
+    cfg = cls(**values)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg

@@ -1,0 +1,188 @@
+"""The labelling job: Parquet in, a streaming Ray Data pipeline, Parquet out.
+
+read_parquet -> tokenize (CPU tasks) -> predictor actor pool -> write_parquet.
+Each predictor batch is sorted by token length and cut into model batches that
+pad only to their own longest row; rows go back to their order afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from textlabel import data as data_lib
+from textlabel import model as model_lib
+from textlabel import storage
+from textlabel.config import LabelConfig
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_COLUMNS = ("label", "label_id", "score")
+TOKENS = "__textlabel_input_ids"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str | None):
+    # Once per worker process: tokenizer files come from the same cache as the model.
+    return model_lib.load_tokenizer(model_lib.local_model_dir(model))
+
+
+def tokenize_batch(batch: pa.Table, model: str | None, text_column: str, max_length: int) -> pa.Table:
+    """Add token ids (unpadded, truncated to max_length) for the text column."""
+    texts = batch[text_column].to_pylist()
+    ids = _tokenizer(model)(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    return batch.append_column(TOKENS, pa.array(ids, type=pa.list_(pa.int32())))
+
+
+class Predictor:
+    """Loads the model once per actor; maps a tokenized batch to labelled rows."""
+
+    def __init__(self, model: str | None, batch_size: int, use_gpu: bool, quantize: bool, prefix: str = "", threads: int = 1):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        net = model_lib.load_classifier(model_lib.local_model_dir(model)).to(self.device)
+        if quantize:
+            net = torch.ao.quantization.quantize_dynamic(net, {torch.nn.Linear}, dtype=torch.qint8)
+        self.net = net
+        self.labels = np.array([net.config.id2label[i] for i in range(net.config.num_labels)], dtype=object)
+        self.pad_id = _tokenizer(model).pad_token_id or 0
+        self.batch_size = batch_size
+        self.use_gpu = use_gpu
+        self.prefix = prefix
+
+    def _forward(self, rows: list[np.ndarray]):
+        torch = self.torch
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        inputs = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_gpu):
+            logits = self.net(**inputs).logits.float()
+        return torch.softmax(logits, dim=-1).max(dim=-1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tokens = batch[TOKENS].to_numpy(zero_copy_only=False)
+        order = np.argsort([len(t) for t in tokens], kind="stable")
+        label_id = np.empty(len(tokens), dtype=np.int64)
+        score = np.empty(len(tokens), dtype=np.float32)
+        with self.torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                best = self._forward([tokens[i] for i in idx])
+                score[idx] = best.values.cpu().numpy()
+                label_id[idx] = best.indices.cpu().numpy()
+        out = batch.drop_columns([TOKENS])
+        return (
+            out.append_column(self.prefix + "label", pa.array(self.labels[label_id], type=pa.string()))
+            .append_column(self.prefix + "label_id", pa.array(label_id))
+            .append_column(self.prefix + "score", pa.array(score))
+        )
+
+
+def input_files(url: str) -> list[storage.pafs.FileInfo]:
+    """The Parquet files to label: one file, or every *.parquet under a prefix."""
+    loc = storage.resolve(url)
+    found = storage.info(loc)
+    if found.type == storage.pafs.FileType.File:
+        if not loc.path.endswith(".parquet"):
+            raise data_lib.DataError(f"--input {url}: not a .parquet file; the labelling job reads Parquet")
+        return [found]
+    files = storage.list_files(loc, ".parquet") if found.type == storage.pafs.FileType.Directory else []
+    if not files:
+        raise data_lib.DataError(f"--input {url}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
+    return files
+
+
+def check_input_schema(cfg: LabelConfig, fs, files: list) -> pa.Schema:
+    """The corpus schema; a missing text column or a name clash fails here, before any model loads."""
+    with fs.open_input_file(files[0].path) as f:
+        schema = pq.read_schema(f)
+    if cfg.text_column not in schema.names:
+        raise data_lib.DataError(
+            f"{files[0].path}: no column {cfg.text_column!r}; the columns are: {', '.join(schema.names)}. Pass --text-column"
+        )
+    clash = [cfg.label_prefix + c for c in OUTPUT_COLUMNS if cfg.label_prefix + c in schema.names]
+    if clash:
+        raise data_lib.DataError(
+            f"{files[0].path}: already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_) to name the new ones apart"
+        )
+    return schema
+
+
+def count_rows(fs, paths: list[str]) -> int:
+    """Rows in Parquet files, from their footers (no data read)."""
+    total = 0
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def build_pipeline(cfg: LabelConfig, fs, files: list):
+    """The streaming Ray Data pipeline, lazily: nothing runs until it is written."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    lo, hi = cfg.pool_size()
+    # Reading and tokenizing share what the predictors leave free: half a CPU each.
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=fs, ray_remote_args={"num_cpus": 0.5})
+    ds = ds.map_batches(
+        tokenize_batch, batch_format="pyarrow", batch_size=16 * cfg.batch_size, num_cpus=0.5,
+        fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "max_length": cfg.max_length},
+    )
+    return ds.map_batches(
+        Predictor, batch_format="pyarrow", batch_size=16 * cfg.batch_size,
+        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu,
+                               "quantize": cfg.quantize, "prefix": cfg.label_prefix,
+                               "threads": max(1, round(cfg.cpus_per_actor))},
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+    )
+
+
+def check_inputs(cfg: LabelConfig) -> list:
+    """Every check that needs no model: the input files, their text column, the model's files."""
+    src = storage.resolve(cfg.input)
+    files = input_files(cfg.input)
+    check_input_schema(cfg, src.fs, files)
+    model_lib.check_model_dir(cfg.model)
+    return files
+
+
+def run_labelling(cfg: LabelConfig) -> dict[str, Any]:
+    """Label every row under ``cfg.input`` into ``cfg.output``; returns the summary."""
+    start = time.perf_counter()
+    src = storage.resolve(cfg.input)
+    files = check_inputs(cfg)
+    rows_in = count_rows(src.fs, [f.path for f in files])
+    out = storage.resolve(cfg.output)
+    before = {f.path for f in storage.list_files(out, ".parquet")} if storage.exists(out) else set()
+    logger.info("labelling %d rows in %d files from %s with %s", rows_in, len(files), cfg.input, model_lib.describe(cfg.model))
+    build_pipeline(cfg, src.fs, files).write_parquet(out.path, filesystem=out.fs, max_rows_per_file=cfg.rows_per_file)
+    written = [f.path for f in storage.list_files(out, ".parquet") if f.path not in before]
+    rows_out = count_rows(out.fs, written)
+    seconds = time.perf_counter() - start
+    summary = {
+        "input": cfg.input, "output": cfg.output, "model": model_lib.describe(cfg.model),
+        "files_in": len(files), "files_out": len(written), "rows_in": rows_in, "rows_out": rows_out,
+        "seconds": round(seconds, 2), "rows_per_second": round(rows_out / seconds, 1),
+    }
+    storage.write_json(out.join("_summary.json"), summary)
+    if rows_out != rows_in:
+        raise RuntimeError(f"wrote {rows_out} rows for {rows_in} input rows; see the Ray Data log above")
+    logger.info("labelled %d rows from %d files in %.1f s (%.0f rows/s) into %s",
+                rows_out, len(files), seconds, summary["rows_per_second"], cfg.output)
+    return summary

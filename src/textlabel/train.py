@@ -1,0 +1,157 @@
+"""The fine-tuning job: check the data, run Ray Train, export the model and metrics.
+
+``OUTPUT/`` after a run::
+
+    model/           Hugging Face format (config.json with id2label, model.safetensors, tokenizer)
+    metrics.json     every epoch's metrics, the label map, dropped rows, throughput
+    run_config.json  the settings this output was trained with (a rerun must match them)
+    checkpoints/     Ray Train checkpoints, one per epoch (the latest two are kept)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import pyarrow as pa
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from textlabel import data as data_lib
+from textlabel import model as model_lib
+from textlabel import storage
+from textlabel.config import ConfigError, TrainConfig
+from textlabel.train_loop import HISTORY_FILE, LoopSettings, settings_dict, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+# Settings that may change between a run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Training and validation rows, ready for Ray Train."""
+
+    train: pa.Table
+    validation: pa.Table
+    labels: list[str]
+    dropped: dict[str, dict[str, int]]
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Read, clean, encode and split the rows; every input problem surfaces here."""
+    rows = data_lib.read_labelled(cfg.data, cfg.text_column, cfg.label_column)
+    labels = data_lib.label_map(rows, cfg.data)
+    table = data_lib.encode_labels(rows, labels, cfg.data)
+    dropped = {"data": rows.dropped}
+    if cfg.validation_data:
+        val_rows = data_lib.read_labelled(cfg.validation_data, cfg.text_column, cfg.label_column)
+        validation = data_lib.encode_labels(val_rows, labels, cfg.validation_data)
+        dropped["validation_data"] = val_rows.dropped
+        train = table
+    else:
+        train, validation = data_lib.stratified_split(table, cfg.val_fraction, cfg.seed)
+    if train.num_rows < cfg.num_workers:
+        raise data_lib.DataError(f"{cfg.data}: {train.num_rows} training rows cannot feed {cfg.num_workers} workers")
+    validation = validation.append_column("row_id", pa.array(range(validation.num_rows), pa.int64()))
+    return PreparedData(train, validation, labels, dropped)
+
+
+def _check_resumable(out: storage.Location, cfg: TrainConfig, labels: list[str]) -> None:
+    """A rerun into the same output must be the same run; otherwise resuming would mix two."""
+    record = {"config": dataclasses.asdict(cfg), "labels": labels}
+    saved_loc = out.join("run_config.json")
+    if not storage.exists(saved_loc):
+        storage.write_json(saved_loc, record)
+        return
+    saved = storage.read_json(saved_loc)
+    changed = sorted(
+        k for k in record["config"]
+        if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != record["config"][k]
+    )
+    if saved.get("labels") != labels:
+        changed.append("labels (the data's label set)")
+    if changed:
+        raise ConfigError([f"--output {cfg.output} already holds a run with different {', '.join(changed)}; "
+                           "use a new --output, or rerun with the same settings to resume"])
+    logger.info("%s holds an earlier run with the same settings: resuming it", cfg.output)
+
+
+def _to_dataset(table: pa.Table, blocks: int) -> ray.data.Dataset:
+    # Several blocks, so that workers' shards and local shuffling have something to mix.
+    size = max(1, math.ceil(table.num_rows / blocks))
+    return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+
+
+def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) -> TorchTrainer:
+    settings = LoopSettings(
+        model=cfg.model, labels=prepared.labels, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
+        steps_per_epoch=math.ceil(prepared.train.num_rows / (cfg.num_workers * cfg.batch_size)),
+    )
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=settings_dict(settings),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name="checkpoints", storage_path=out.path, storage_filesystem=out.fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={
+            "train": _to_dataset(prepared.train, 8 * cfg.num_workers),
+            "validation": _to_dataset(prepared.validation, 2 * cfg.num_workers),
+        },
+        # Validation is not split (a split may drop rows); workers take row_id % world each.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> dict[str, Any]:
+    src = storage.Location(checkpoint.path, checkpoint.filesystem, checkpoint.path)
+    storage.copy_dir(src, out.join("model"), suffixes=model_lib.MODEL_FILE_SUFFIXES)
+    return storage.read_json(src.join(HISTORY_FILE))
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says; returns what metrics.json holds."""
+    start = time.perf_counter()
+    out = storage.resolve(cfg.output)
+    prepared = prepare_data(cfg)
+    model_lib.local_model_dir(cfg.model)  # fail on a bad --model before starting workers
+    _check_resumable(out, cfg, prepared.labels)
+    logger.info(
+        "training %s on %d rows (%d validation), %d classes, %d workers",
+        model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,
+        len(prepared.labels), cfg.num_workers,
+    )
+    result = _trainer(cfg, prepared, out).fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
+    history = _export(result.checkpoint, out)
+    metrics = {
+        "model": model_lib.describe(cfg.model),
+        "labels": prepared.labels,
+        "train_rows": prepared.train.num_rows,
+        "validation_rows": prepared.validation.num_rows,
+        "dropped_rows": prepared.dropped,
+        "num_workers": cfg.num_workers,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        **history,
+    }
+    storage.write_json(out.join("metrics.json"), metrics)
+    final = history["epochs"][-1]
+    logger.info(
+        "done: validation accuracy %.4f, macro-F1 %.4f after %d epochs; model in %s",
+        final["val_accuracy"], final["val_macro_f1"], final["epoch"], out.join("model").url,
+    )
+    return metrics

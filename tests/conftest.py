@@ -1,0 +1,100 @@
+"""Shared fixtures: one S3 server on loopback, one local Ray, a tiny BERT, easy data.
+
+The S3 server starts before Ray so that every Ray worker inherits the AWS
+environment pointing at it, as workers on a cluster inherit an instance profile.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from textlabel import storage
+
+POSITIVE = ["great", "wonderful", "superb", "delightful", "moving", "brilliant", "charming", "excellent"]
+NEGATIVE = ["awful", "dull", "tedious", "terrible", "boring", "clumsy", "lifeless", "painful"]
+FILLER = ["the", "film", "movie", "plot", "acting", "was", "is", "really", "quite", "story", "a", "and", "cast"]
+
+
+def easy_rows(n: int, seed: int = 0) -> pa.Table:
+    """Sentiment rows a tiny model learns in seconds: one polar word among filler."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.choice(["negative", "positive"])
+        words = rng.choices(FILLER, k=rng.randint(3, 10))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return pa.table({"text": texts, "label": labels})
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from textlabel.s3server import local_s3
+
+    with local_s3(buckets=("tests",)) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def s3_prefix(s3_endpoint) -> str:
+    """A fresh, empty s3:// prefix for one test."""
+    return f"s3://tests/{uuid.uuid4().hex[:10]}"
+
+
+def put_parquet(url: str, table: pa.Table) -> None:
+    loc = storage.resolve(url)
+    with loc.fs.open_output_stream(loc.path) as out:
+        pq.write_table(table, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with the packaged model's tokenizer (a few MB)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from textlabel.model import packaged_model_dir
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tiny_model, s3_endpoint):
+    """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it."""
+    prefix = "s3://tests/train-e2e"
+    table = easy_rows(1200, seed=1)
+    put_parquet(f"{prefix}/data/part-0.parquet", table.slice(0, 600))
+    put_parquet(f"{prefix}/data/part-1.parquet", table.slice(600))
+    output = f"{prefix}/run"
+    args = ["--data", f"{prefix}/data/", "--output", output, "--model", tiny_model, "--num-workers", 2,
+            "--epochs", 3, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32]
+    from textlabel.cli import train_main
+
+    assert train_main([str(a) for a in args]) == 0
+    return {"output": output, "args": args, "rows": table.num_rows}

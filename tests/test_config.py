@@ -1,0 +1,44 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from textlabel.config import ConfigError, TrainConfig, parse_config
+
+
+def parse(argv):
+    return parse_config(TrainConfig, argv, "textlabel train", "test")
+
+
+def test_flags_override_yaml_and_defaults(tmp_path):
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text("data: s3://b/train/\noutput: s3://b/out\nepochs: 5\nlearning-rate: 0.001\nuse_gpu: true\n")
+    cfg = parse(["--config", str(cfg_file), "--epochs", "7", "--no-use-gpu"])
+    assert (cfg.data, cfg.output, cfg.epochs, cfg.learning_rate, cfg.use_gpu) == ("s3://b/train/", "s3://b/out", 7, 0.001, False)
+    assert cfg.batch_size == 32 and cfg.max_length == 128 and cfg.num_workers == 2
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse(["--epochs", "0", "--val-fraction", "1.5", "--text-column", "x", "--label-column", "x"])
+    text = str(err.value)
+    for expected in ["--data is required", "--output is required", "--epochs must be > 0", "--val-fraction", "both 'x'"]:
+        assert expected in text
+
+
+def test_unknown_and_mistyped_yaml_keys_are_named(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("data: x.tsv\noutput: out\nepoch: 3\nbatch_size: many\n")
+    with pytest.raises(ConfigError) as err:
+        parse(["--config", str(cfg_file)])
+    assert "unknown option 'epoch'" in str(err.value)
+    assert "'batch_size': expected int" in str(err.value)
+
+
+def test_help_documents_every_option(repo_root):
+    out = subprocess.run([sys.executable, str(repo_root / "jobs/train.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    out = " ".join(out.split())
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "--config" in out and "Default: the packaged" in out

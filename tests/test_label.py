@@ -1,0 +1,101 @@
+"""The labelling job end to end through its entry point, S3 to S3, and its predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from conftest import easy_rows, put_parquet
+from textlabel import storage
+from textlabel.cli import label_main
+
+
+def _label(args: list) -> int:
+    return label_main([str(a) for a in args])
+
+
+def _corpus(prefix: str, sizes: list[int]) -> pa.Table:
+    """Parquet files with an id, the text, its true label and one more column."""
+    parts, start = [], 0
+    for i, n in enumerate(sizes):
+        t = easy_rows(n, seed=100 + i)
+        t = pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": t["text"],
+                      "label": t["label"], "source": pa.array([f"feed-{i}"] * n)})
+        put_parquet(f"{prefix}/part-{i}.parquet", t)
+        parts.append(t)
+        start += n
+    return pa.concat_tables(parts)
+
+
+def _read_output(url: str) -> pa.Table:
+    loc = storage.resolve(url)
+    return pads.dataset([f.path for f in storage.list_files(loc, ".parquet")], filesystem=loc.fs).to_table()
+
+
+def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
+    corpus = _corpus(f"{s3_prefix}/corpus", [700, 300, 5])
+    model = f"{trained['output']}/model"
+    out = f"{s3_prefix}/labels"
+    assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
+                   "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "1,2", "--max-length", 32]) == 0
+    result = _read_output(out).sort_by("id")
+    assert result.num_rows == corpus.num_rows
+    assert result["id"].to_pylist() == corpus["id"].to_pylist()  # every row once, none duplicated
+    assert set(result.column_names) == {"id", "text", "label", "source", "pred_label", "pred_label_id", "pred_score"}
+    assert result["text"].to_pylist() == corpus["text"].to_pylist()
+    assert result["source"].to_pylist() == corpus["source"].to_pylist()
+    assert set(result["pred_label"].to_pylist()) <= {"negative", "positive"}
+    names = np.array(["negative", "positive"])
+    assert (names[result["pred_label_id"].to_numpy()] == np.array(result["pred_label"].to_pylist())).all()
+    scores = result["pred_score"].to_numpy()
+    assert ((scores >= 0.5) & (scores <= 1.0)).all()  # the winning probability of two classes
+    accuracy = np.mean(np.array(result["pred_label"].to_pylist()) == np.array(result["label"].to_pylist()))
+    assert accuracy > 0.9
+    summary = storage.read_json(storage.resolve(out).join("_summary.json"))
+    assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_in"] == 3
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_text_column", "no column 'text'; the columns are: id, body"),
+    ("empty_prefix", "no *.parquet files there"),
+    ("label_clash", "already has column(s) label; pass --label-prefix"),
+    ("not_a_model", "no *.safetensors weights"),
+])
+def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case, expected):
+    model = f"{trained['output']}/model"
+    if case == "no_text_column":
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], "body": ["x"]}))
+        model = f"{s3_prefix}/no-such-model"  # never reached: the column check comes first
+    elif case == "empty_prefix":
+        storage.write_bytes(storage.resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")
+    elif case == "label_clash":
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"], "label": ["y"]}))
+    else:
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
+        storage.write_bytes(storage.resolve(f"{s3_prefix}/model/config.json"), b"{}")
+        storage.write_bytes(storage.resolve(f"{s3_prefix}/model/pytorch_model.bin"), b"pickle")
+        model = f"{s3_prefix}/model"
+    assert _label(["--model", model, "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out"]) == 2
+    assert expected in caplog.text
+    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
+
+
+def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from textlabel.label import Predictor, tokenize_batch
+
+    texts = easy_rows(50, seed=7)["text"].to_pylist()
+    texts[3] = "great " * 40  # one long row among short ones
+    batch = tokenize_batch(pa.table({"text": texts, "n": list(range(50))}), tiny_model, "text", 64)
+    out = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=False)(batch)
+    assert out["n"].to_pylist() == list(range(50))  # order restored
+    net = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    with torch.inference_mode():
+        probs = [torch.softmax(net(**tok(t, truncation=True, max_length=64, return_tensors="pt")).logits[0], -1) for t in texts]
+    assert out["label_id"].to_pylist() == [int(p.argmax()) for p in probs]
+    np.testing.assert_allclose(out["score"].to_numpy(), [float(p.max()) for p in probs], rtol=1e-4)

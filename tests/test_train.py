@@ -1,0 +1,148 @@
+"""End-to-end fine-tuning through the real entry point, against S3 on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.compute as pc
+import pytest
+
+from conftest import easy_rows, put_parquet
+from textlabel import storage
+from textlabel.cli import train_main
+
+
+def _train(args: list[str]) -> int:
+    return train_main([str(a) for a in args])
+
+
+def _metrics(output: str) -> dict:
+    return storage.read_json(storage.resolve(output).join("metrics.json"))
+
+
+def test_training_learns_and_records_every_epoch(trained):
+    metrics = _metrics(trained["output"])
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["labels"] == ["negative", "positive"]
+    assert metrics["train_rows"] + metrics["validation_rows"] == trained["rows"]
+    # The whole held-out set is evaluated (gathered from both workers), not one worker's shard.
+    assert all(e["val_rows"] == metrics["validation_rows"] == 240 for e in metrics["epochs"])
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert metrics["epochs"][-1]["val_accuracy"] > 0.9
+    per_class = metrics["epochs"][-1]["val_per_class"]
+    assert set(per_class) == {"negative", "positive"}
+    assert sum(c["support"] for c in per_class.values()) == 240
+
+
+def test_saved_model_loads_in_a_plain_transformers_pipeline(trained, tmp_path):
+    from transformers import pipeline
+
+    model_loc = storage.resolve(trained["output"]).join("model")
+    local = storage.Location(str(tmp_path), storage.resolve(str(tmp_path)).fs, str(tmp_path))
+    names = storage.copy_dir(model_loc, local)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    classify = pipeline("text-classification", model=str(tmp_path), device="cpu")
+    texts = ["the film was superb and moving", "a dull , tedious plot", "really excellent acting", "painful and boring"]
+    predicted = [p["label"] for p in classify(texts)]
+    assert predicted == ["positive", "negative", "positive", "negative"]
+
+
+def test_rerun_resumes_instead_of_starting_over(trained, caplog):
+    before = _metrics(trained["output"])
+    assert _train(trained["args"]) == 0
+    after = _metrics(trained["output"])
+    assert "holds an earlier run with the same settings: resuming it" in caplog.text
+    assert after["epochs"] == before["epochs"]  # the finished epochs were not trained again
+    assert after["wall_seconds"] < before["wall_seconds"]
+
+
+def test_rerun_with_other_settings_is_refused(trained, caplog):
+    args = list(trained["args"])
+    args[args.index("--learning-rate") + 1] = "1e-4"
+    assert _train(args) == 2
+    assert "already holds a run with different learning_rate" in caplog.text
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_column", "no column 'label'; the columns are: text, sentiment"),
+    ("one_class", "only one class"),
+    ("all_null", "no usable rows"),
+    ("unknown_type", "unknown file type"),
+    ("missing_bucket", "not found"),
+])
+def test_bad_input_fails_before_training(ray_session, s3_prefix, tiny_model, caplog, case, expected):
+    data = f"{s3_prefix}/data.parquet"
+    if case == "missing_column":
+        put_parquet(data, easy_rows(20).rename_columns(["text", "sentiment"]))
+    elif case == "one_class":
+        rows = easy_rows(20)
+        put_parquet(data, rows.filter(pc.equal(rows["label"], "positive")))
+    elif case == "all_null":
+        import pyarrow as pa
+        put_parquet(data, pa.table({"text": ["a", "b"], "label": pa.array([None, None], pa.string())}))
+    elif case == "unknown_type":
+        data = f"{s3_prefix}/data.jsonl"
+        storage.write_bytes(storage.resolve(data), b"{}")
+    else:
+        data = "s3://no-such-bucket/data/"
+    assert _train(["--data", data, "--output", f"{s3_prefix}/out", "--model", tiny_model]) == 2
+    assert expected in caplog.text
+    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
+
+
+def test_bad_input_exit_code_from_the_script(repo_root, tmp_path):
+    (tmp_path / "d.csv").write_text("sentence,label\nhello,1\n")
+    proc = subprocess.run(
+        [sys.executable, str(repo_root / "jobs/train.py"), "--data", str(tmp_path / "d.csv"), "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no column 'text'; the columns are: sentence, label" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _registered_checkpoints(output_dir: str) -> int:
+    snapshot = os.path.join(output_dir, "checkpoints", "checkpoint_manager_snapshot.json")
+    try:
+        with open(snapshot) as f:
+            return len(json.load(f)["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _kill_a_worker_after_first_checkpoint(output_dir: str, killed: list[int]) -> None:
+    # Wait until Ray Train has registered a checkpoint (not merely begun writing one).
+    deadline = time.time() + 240
+    while time.time() < deadline and _registered_checkpoints(output_dir) == 0:
+        time.sleep(0.1)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::RayTrainWorker"):
+            os.kill(proc.info["pid"], signal.SIGKILL)
+            killed.append(proc.info["pid"])
+            return
+
+
+def test_killed_worker_restarts_from_checkpoint(ray_session, tiny_model, tmp_path):
+    data = tmp_path / "data.parquet"
+    import pyarrow.parquet as pq
+    pq.write_table(easy_rows(3000, seed=2), data)
+    output = str(tmp_path / "run")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
+    killer.start()
+    code = _train(["--data", data, "--output", output, "--model", tiny_model, "--epochs", 5,
+                   "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32])
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    assert code == 0
+    metrics = _metrics(output)
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5]
+    assert len(metrics["resumed_at_epochs"]) == 1 and 1 <= metrics["resumed_at_epochs"][0] < 5
+    assert metrics["epochs"][-1]["val_accuracy"] > 0.9
