@@ -56,7 +56,11 @@ def ensure_model(model: str | None) -> str:
     target = OUT / "sst2-model"
     if (target / "model" / "model.safetensors").is_file():
         return str(target / "model")
-    subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--data", str(SAMPLE / "sst2_train.tsv"),
+    # 3,000 rows, one epoch: a real fine-tuned classifier (about 80% on dev) in a few minutes.
+    OUT.mkdir(parents=True, exist_ok=True)
+    lines = (SAMPLE / "sst2_train.tsv").read_text().splitlines()[:3001]
+    (OUT / "train-3000.tsv").write_text("\n".join(lines) + "\n")
+    subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--data", str(OUT / "train-3000.tsv"),
                     "--validation-data", str(SAMPLE / "sst2_dev.tsv"), "--output", str(target),
                     "--epochs", "1", "--learning-rate", "1e-4", "--max-length", "64"], check=True)
     return str(target / "model")

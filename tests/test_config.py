@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from textlabel.config import ConfigError, TrainConfig, parse_config
+from textlabel.config import ConfigError, LabelConfig, TrainConfig, options_markdown, parse_config
 
 
 def parse(argv):
@@ -42,3 +42,23 @@ def test_help_documents_every_option(repo_root):
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in out
     assert "--config" in out and "Default: the packaged" in out
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, LabelConfig])
+def test_readme_documents_every_option(repo_root, cls):
+    assert options_markdown(cls) in (repo_root / "README.md").read_text()
+
+
+def test_label_pool_size_and_checks():
+    base = ["--model", "m", "--input", "s3://b/in/", "--output", "s3://b/out/"]
+    assert parse_label(base + ["--num-actors", "2,8"]).pool_size() == (2, 8)
+    assert parse_label(base).pool_size() == (1, 1)
+    with pytest.raises(ConfigError) as err:
+        parse_label(["--model", "m", "--input", "s3://b/x/", "--output", "s3://b/x", "--num-actors", "3,1",
+                     "--quantize", "--use-gpu"])
+    for expected in ["--num-actors must be N or MIN,MAX", "--quantize is for CPU", "--output must differ from --input"]:
+        assert expected in str(err.value)
+
+
+def parse_label(argv):
+    return parse_config(LabelConfig, argv, "textlabel label", "test")

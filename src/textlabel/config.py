@@ -207,3 +207,12 @@ def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: s
     cfg = cls(**values)
     cfg.validate()  # type: ignore[attr-defined]
     return cfg
+
+
+def options_markdown(cls: type) -> str:
+    """The README's option table for a job config (a test keeps the README in step)."""
+    lines = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = "required" if f.metadata.get("required") else ("" if f.default is None else f"`{f.default}`")
+        lines.append(f"| `--{f.name.replace('_', '-')}` | {default} | {f.metadata['help']} |")
+    return "\n".join(lines)

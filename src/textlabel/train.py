@@ -66,8 +66,8 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, labels: list[str])
     """A rerun into the same output must be the same run; otherwise resuming would mix two."""
     record = {"config": dataclasses.asdict(cfg), "labels": labels}
     saved_loc = out.join("run_config.json")
-    if not storage.exists(saved_loc):
-        storage.write_json(saved_loc, record)
+    if not storage.exists(out.join("checkpoints", "checkpoint_manager_snapshot.json")):
+        storage.write_json(saved_loc, record)  # nothing to resume yet: these settings start it
         return
     saved = storage.read_json(saved_loc)
     changed = sorted(
