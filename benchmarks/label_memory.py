@@ -1,6 +1,6 @@
 """Peak memory of the labelling job (every process of its Ray, summed) at two corpus sizes.
 
-    .venv/bin/python benchmarks/label_memory.py                  # 20,000 and 200,000 rows
+    .venv/bin/python benchmarks/label_memory.py                  # 5,000 and 50,000 rows
 
 Memory is the proportional set size (PSS: shared pages split between the processes
 that share them) of jobs/label.py and every process it starts (raylet, GCS, workers,
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
 import psutil
 
-from label_throughput import OUT, ROOT, ensure_model, read_texts, write_corpus
+from label_throughput import OUT, ROOT, ensure_model, local_ray_env, read_texts, write_corpus
 
 
 def tree_pss(root: psutil.Process) -> int:
@@ -37,7 +36,7 @@ def peak_memory(model: str, rows: int, job_args: list[str]) -> dict:
     subprocess.run(["rm", "-rf", str(output)], check=True)
     start = time.perf_counter()
     job = subprocess.Popen([sys.executable, str(ROOT / "jobs/label.py"), "--model", model, "--input", str(corpus),
-                            "--output", str(output), *job_args], env={**os.environ, "RAY_ADDRESS": ""},
+                            "--output", str(output), *job_args], env=local_ray_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root, peak = psutil.Process(job.pid), 0
     while job.poll() is None:
@@ -52,9 +51,9 @@ def peak_memory(model: str, rows: int, job_args: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=20_000, help="the smaller size; the larger is 10x")
+    parser.add_argument("--rows", type=int, default=5_000, help="the smaller size; the larger is 10x")
     parser.add_argument("--model", help="a fine-tuned model directory (default: as label_throughput.py)")
-    parser.add_argument("--job-args", default="--batch-size 64 --cpus-per-actor 1.5 --quantize")
+    parser.add_argument("--job-args", default="--batch-size 64 --threads-per-actor 2 --quantize")
     args = parser.parse_args()
     model = ensure_model(args.model)
     small = peak_memory(model, args.rows, args.job_args.split())

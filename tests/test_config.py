@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from textlabel.config import ConfigError, LabelConfig, TrainConfig, options_markdown, parse_config
+from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, TrainConfig, options_markdown, parse_config
 
 
 def parse(argv):
@@ -44,7 +44,7 @@ def test_help_documents_every_option(repo_root):
     assert "--config" in out and "Default: the packaged" in out
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, LabelConfig])
+@pytest.mark.parametrize("cls", [TrainConfig, LabelConfig, EvaluateConfig])
 def test_readme_documents_every_option(repo_root, cls):
     assert options_markdown(cls) in (repo_root / "README.md").read_text()
 

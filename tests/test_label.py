@@ -39,7 +39,8 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     model = f"{trained['output']}/model"
     out = f"{s3_prefix}/labels"
     assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
-                   "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "1,2", "--max-length", 32]) == 0
+                   "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "1,2", "--cpus-per-actor", 0.5,
+                   "--max-length", 32]) == 0
     result = _read_output(out).sort_by("id")
     assert result.num_rows == corpus.num_rows
     assert result["id"].to_pylist() == corpus["id"].to_pylist()  # every row once, none duplicated
@@ -99,3 +100,23 @@ def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
         probs = [torch.softmax(net(**tok(t, truncation=True, max_length=64, return_tensors="pt")).logits[0], -1) for t in texts]
     assert out["label_id"].to_pylist() == [int(p.argmax()) for p in probs]
     np.testing.assert_allclose(out["score"].to_numpy(), [float(p.max()) for p in probs], rtol=1e-4)
+
+
+def test_a_pool_that_would_starve_reading_is_refused(trained, s3_prefix, caplog):
+    put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
+    code = _label(["--model", f"{trained['output']}/model", "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out",
+                   "--num-actors", "2", "--cpus-per-actor", "1"])
+    assert code == 2
+    assert "leave less than 1 of the cluster's 2 CPUs for reading and tokenizing" in caplog.text
+
+
+def test_quantized_rows_under_the_margin_are_relabelled_in_full_precision(tiny_model):
+    from textlabel.label import Predictor, tokenize_batch
+
+    batch = tokenize_batch(pa.table({"text": easy_rows(40, seed=9)["text"]}), tiny_model, "text", 64)
+    full = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=False)(batch)
+    int8 = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=True, recheck_margin=0.0)(batch)
+    rechecked = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=True, recheck_margin=1.0)(batch)
+    assert not np.array_equal(int8["score"].to_numpy(), full["score"].to_numpy())  # int8 really ran
+    assert rechecked["label_id"].to_pylist() == full["label_id"].to_pylist()
+    np.testing.assert_allclose(rechecked["score"].to_numpy(), full["score"].to_numpy(), rtol=1e-6)

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from textlabel.config import ConfigError, LabelConfig, TrainConfig, parse_config
+from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, TrainConfig, parse_config
 from textlabel.data import DataError
 from textlabel.model import ModelError
 from textlabel.storage import StorageError
@@ -30,7 +30,7 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     # A job submitted to a cluster, or RAY_ADDRESS, names the cluster; otherwise start one here.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
 
 
 def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> int:
@@ -70,7 +70,20 @@ def label_main(argv: list[str] | None = None) -> int:
     return _run(_label, argv)
 
 
-COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main}
+def _evaluate(argv: list[str] | None) -> object:
+    cfg = parse_config(EvaluateConfig, argv, "textlabel evaluate", "Evaluate a fine-tuned classifier on labelled data; write a report.")
+    init_ray()
+    from textlabel.evaluate import run_evaluation
+
+    return run_evaluation(cfg)
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    """``jobs/evaluate.py``: evaluate a model; exit 0 on success, 2 on bad input, 1 on failure."""
+    return _run(_evaluate, argv)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main, "evaluate": evaluate_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,10 +83,12 @@ class LabelConfig:
     batch_size: int = _opt(64, "Rows per model call (length-grouped, padded only to the batch's longest row).")
     num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX to autoscale the pool.")
     cpus_per_actor: float = _opt(1.0, "CPUs reserved per predictor actor (torch uses as many threads).")
+    threads_per_actor: int | None = _opt(None, "torch threads per CPU predictor actor. Default: --cpus-per-actor, rounded.")
     use_gpu: bool = _opt(False, "Run predictors on GPUs, with bf16 autocast.")
     gpus_per_actor: float = _opt(1.0, "GPUs per predictor actor with --use-gpu.")
     max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
-    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (faster; see README for its accuracy cost).")
+    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2x faster; see README for its accuracy cost).")
+    recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
     rows_per_file: int = _opt(1_000_000, "Most rows per output Parquet file.")
 
     def pool_size(self) -> tuple[int, int]:
@@ -99,6 +101,10 @@ class LabelConfig:
         """Raise ConfigError listing every problem at once."""
         problems = _missing_required(self)
         problems += _positive(self, ["batch_size", "max_length", "cpus_per_actor", "gpus_per_actor", "rows_per_file"])
+        if not 0.0 <= self.recheck_margin <= 1.0:
+            problems.append(f"--recheck-margin must be in [0, 1], got {self.recheck_margin}")
+        if self.threads_per_actor is not None and self.threads_per_actor < 1:
+            problems.append(f"--threads-per-actor must be >= 1, got {self.threads_per_actor}")
         try:
             lo, hi = self.pool_size()
             if not 1 <= lo <= hi:
@@ -109,6 +115,30 @@ class LabelConfig:
             problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
         if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
             problems.append("--output must differ from --input: labels are written beside, not over, the corpus")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class EvaluateConfig:
+    """Configuration of the evaluation job (``jobs/evaluate.py``)."""
+
+    model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
+    data: str = _opt("", "Labelled rows: a Parquet file or prefix, or a .csv/.tsv file; local, file:// or s3://.", True)
+    output: str = _opt("", "Where metrics.json, report.md and the PNGs are written.", True)
+    text_column: str = _opt("text", "Column holding the text.")
+    label_column: str = _opt("label", "Column holding the true label (names as in the model's config).")
+    batch_size: int = _opt(64, "Rows per model call.")
+    num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX.")
+    use_gpu: bool = _opt(False, "Run predictors on GPUs, with bf16 autocast.")
+    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
+    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization (evaluate what the labelling job would label).")
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = _missing_required(self) + _positive(self, ["batch_size", "max_length"])
+        if self.text_column == self.label_column:
+            problems.append(f"--text-column and --label-column are both {self.text_column!r}")
         if problems:
             raise ConfigError(problems)
 

@@ -129,11 +129,12 @@ def exists(loc: Location) -> bool:
     return info(loc).type != pafs.FileType.NotFound
 
 
-def copy_dir(src: Location, dst: Location, suffixes: tuple[str, ...] | None = None) -> list[str]:
-    """Copy the files directly in ``src`` to ``dst`` (optionally only some suffixes)."""
+def copy_dir(src: Location, dst: Location, suffixes: tuple[str, ...] | None = None,
+             exclude: tuple[str, ...] = ()) -> list[str]:
+    """Copy the files directly in ``src`` to ``dst`` (optionally only some suffixes, less some names)."""
     copied = []
     for f in src.fs.get_file_info(pafs.FileSelector(src.path)):
-        if f.type != pafs.FileType.File or (suffixes and not f.base_name.endswith(suffixes)):
+        if f.type != pafs.FileType.File or (suffixes and not f.base_name.endswith(suffixes)) or f.base_name in exclude:
             continue
         with src.fs.open_input_stream(f.path) as data:
             write_bytes(dst.join(f.base_name), data.read())

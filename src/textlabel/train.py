@@ -6,6 +6,7 @@
     metrics.json     every epoch's metrics, the label map, dropped rows, throughput
     run_config.json  the settings this output was trained with (a rerun must match them)
     checkpoints/     Ray Train checkpoints, one per epoch (the latest two are kept)
+    report/          report.md, confusion_matrix.png, training_curves.png (with a TF-IDF baseline)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -25,7 +27,8 @@ from textlabel import data as data_lib
 from textlabel import model as model_lib
 from textlabel import storage
 from textlabel.config import ConfigError, TrainConfig
-from textlabel.train_loop import HISTORY_FILE, LoopSettings, settings_dict, train_loop_per_worker
+from textlabel.report import tfidf_baseline, write_report
+from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, settings_dict, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +119,23 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
     )
 
 
-def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> dict[str, Any]:
+def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[dict[str, Any], dict[str, list]]:
+    """Copy the model files of the final checkpoint to OUTPUT/model; return its history and predictions."""
     src = storage.Location(checkpoint.path, checkpoint.filesystem, checkpoint.path)
-    storage.copy_dir(src, out.join("model"), suffixes=model_lib.MODEL_FILE_SUFFIXES)
-    return storage.read_json(src.join(HISTORY_FILE))
+    storage.copy_dir(src, out.join("model"), suffixes=model_lib.MODEL_FILE_SUFFIXES, exclude=(HISTORY_FILE, PREDICTIONS_FILE))
+    return storage.read_json(src.join(HISTORY_FILE)), storage.read_json(src.join(PREDICTIONS_FILE))
+
+
+def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str, list], epochs: list[dict]) -> dict[str, Any]:
+    """OUTPUT/report/: the fine-tuned model on the validation rows, beside a TF-IDF baseline on the same split."""
+    order = np.argsort(predictions["row_id"])
+    y_pred = np.asarray(predictions["pred"])[order]
+    y_true = prepared.validation["label_id"].to_numpy()
+    val_texts = prepared.validation["text"].to_pylist()
+    baseline = tfidf_baseline(prepared.train["text"].to_pylist(), prepared.train["label_id"].to_numpy(),
+                              val_texts, y_true, prepared.labels)
+    write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline)
+    return baseline
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -137,7 +153,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     result = _trainer(cfg, prepared, out).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
-    history = _export(result.checkpoint, out)
+    history, predictions = _export(result.checkpoint, out)
+    baseline = _report(out, prepared, predictions, history["epochs"])
     metrics = {
         "model": model_lib.describe(cfg.model),
         "labels": prepared.labels,
@@ -147,6 +164,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "num_workers": cfg.num_workers,
         "wall_seconds": round(time.perf_counter() - start, 1),
         **history,
+        "baseline_tfidf_logreg": baseline,
     }
     storage.write_json(out.join("metrics.json"), metrics)
     final = history["epochs"][-1]

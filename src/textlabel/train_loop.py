@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+PREDICTIONS_FILE = "val_predictions.json"
 
 
 @dataclass
@@ -134,19 +135,22 @@ def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, dev
     return {"row_id": cat(ids, np.int64), "pred": cat(preds, np.int64), "gold": cat(golds, np.int64), "loss": cat(losses, np.float32)}
 
 
-def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> dict[str, Any] | None:
-    """Metrics over the whole validation set, gathered from every worker (rank 0 gets them)."""
+def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> tuple[dict[str, Any], dict] | None:
+    """Metrics and predictions over the whole validation set, gathered from every worker (rank 0 gets them)."""
     parts = _gather(_predict_my_rows(net, tokenizer, s, rank, world, device))
     if rank != 0:
         return None
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert len(np.unique(joined["row_id"])) == len(joined["row_id"]), "validation rows double-counted"
     result = classification_metrics(joined["gold"], joined["pred"], s.labels)
-    return {"val_loss": float(joined["loss"].mean()), "val_rows": int(len(joined["row_id"])), **{f"val_{k}": v for k, v in result.items()}}
+    metrics = {"val_loss": float(joined["loss"].mean()), "val_rows": int(len(joined["row_id"])), **{f"val_{k}": v for k, v in result.items()}}
+    return metrics, {"row_id": joined["row_id"].tolist(), "pred": joined["pred"].tolist()}
 
 
-def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, directory: str) -> None:
+def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str) -> None:
     model_lib.save(net.module if hasattr(net, "module") else net, tokenizer, directory)
+    with open(os.path.join(directory, PREDICTIONS_FILE), "w") as f:
+        json.dump(predictions, f)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f, indent=2)
@@ -174,10 +178,11 @@ def train_loop_per_worker(config: dict) -> None:
         loss_sum, rows = _train_epoch(net, tokenizer, optimizer, scheduler, s, epoch, device)
         seconds = time.perf_counter() - start
         per_worker = _gather((loss_sum, rows, seconds))
-        metrics = _evaluate(net, tokenizer, s, rank, world, device)
-        if rank != 0:
+        evaluated = _evaluate(net, tokenizer, s, rank, world, device)
+        if evaluated is None:
             ray.train.report({"epoch": epoch + 1})
             continue
+        metrics, predictions = evaluated
         total_rows = sum(p[1] for p in per_worker)
         metrics = {
             "epoch": epoch + 1,
@@ -194,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics["val_macro_f1"], metrics["samples_per_second_per_worker"],
         )
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(net, tokenizer, optimizer, scheduler, history, tmp)
+            _save_checkpoint(net, tokenizer, optimizer, scheduler, history, predictions, tmp)
             ray.train.report(
                 {k: v for k, v in metrics.items() if not isinstance(v, dict)},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),

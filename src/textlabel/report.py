@@ -1,0 +1,141 @@
+"""The evaluation report: confusion matrix and training-curve PNGs, report.md, a TF-IDF baseline.
+
+Everything is computed with scikit-learn from (true, predicted) label ids and
+drawn with matplotlib's Agg backend, so a report can be written on any worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from textlabel import storage
+from textlabel.metrics import classification_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def tfidf_baseline(train_texts: list[str], train_ids: np.ndarray, val_texts: list[str], val_ids: np.ndarray,
+                   labels: list[str]) -> dict[str, Any]:
+    """The traditional method: TF-IDF (word 1-2 grams) + logistic regression, same split."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
+                          LogisticRegression(max_iter=2000, C=4.0))
+    model.fit(train_texts, train_ids)
+    return classification_metrics(val_ids, model.predict(val_texts), labels)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> bytes:
+    """Counts and row-normalised confusion matrices side by side, class names on the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    ids = list(range(len(labels)))
+    size = max(5.0, 0.45 * len(labels) + 3)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, normalize, title in [(axes[0], None, "counts"), (axes[1], "true", "share of each true class")]:
+        ConfusionMatrixDisplay.from_predictions(
+            y_true, y_pred, labels=ids, display_labels=labels, normalize=normalize, ax=ax,
+            colorbar=False, cmap="Blues", values_format=".2f" if normalize else "d",
+            include_values=len(labels) <= 20, xticks_rotation=45 if len(labels) > 4 else "horizontal",
+        )
+        ax.set_title(f"Confusion matrix ({title})")
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def curves_png(epochs: list[dict]) -> bytes:
+    """Train and validation loss, validation accuracy and macro-F1, per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [e["epoch"] for e in epochs]
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_ax.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
+    loss_ax.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
+    score_ax.plot(x, [e["val_accuracy"] for e in epochs], "o-", label="validation accuracy")
+    score_ax.plot(x, [e["val_macro_f1"] for e in epochs], "o-", label="validation macro-F1")
+    for ax, title in [(loss_ax, "Loss"), (score_ax, "Validation scores")]:
+        ax.set_xlabel("epoch")
+        ax.set_xticks(x)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    data = _png(fig)
+    plt.close(fig)
+    return data
+
+
+def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str], top: int = 5) -> list[tuple[str, str, int]]:
+    """The most frequent (true, predicted) mistakes."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
+    np.fill_diagonal(cm, 0)
+    flat = np.argsort(cm, axis=None)[::-1][:top]
+    return [(labels[i], labels[j], int(cm[i, j])) for i, j in zip(*np.unravel_index(flat, cm.shape)) if cm[i, j] > 0]
+
+
+def _metrics_table(named: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| model | accuracy | macro-F1 |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |" for name, m in named.items()]
+    return lines
+
+
+def _per_class_table(metrics: dict[str, Any]) -> list[str]:
+    lines = ["| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    for name, c in metrics["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    return lines
+
+
+def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
+                    texts: list[str], baseline: dict[str, Any] | None, has_curves: bool) -> str:
+    """report.md: headline table, per-class table, confused pairs, misclassified examples."""
+    named = {"fine-tuned model": metrics}
+    if baseline:
+        named["TF-IDF + logistic regression (same split)"] = baseline
+    lines = [f"# Evaluation report\n\n{len(y_true)} labelled rows, {len(labels)} classes.\n", *_metrics_table(named), ""]
+    lines += ["![confusion matrix](confusion_matrix.png)", ""]
+    if has_curves:
+        lines += ["![training curves](training_curves.png)", ""]
+    lines += ["## Per class (fine-tuned model)", "", *_per_class_table(metrics), ""]
+    if baseline:
+        lines += ["## Per class (TF-IDF baseline)", "", *_per_class_table(baseline), ""]
+    lines += ["## Most confused pairs", "", "| true | predicted | rows |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {p} | {n} |" for t, p, n in confused_pairs(y_true, y_pred, labels)] + [""]
+    wrong = np.flatnonzero(y_true != y_pred)[:10]
+    lines += ["## Misclassified examples", "", "| text | true | predicted |", "| --- | --- | --- |"]
+    lines += [f"| {texts[i].replace('|', '/')[:200]} | {labels[y_true[i]]} | {labels[y_pred[i]]} |" for i in wrong]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: storage.Location, labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
+                 texts: list[str], epochs: list[dict] | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.md and its PNGs under ``directory``; returns the model's metrics."""
+    metrics = classification_metrics(y_true, y_pred, labels)
+    storage.write_bytes(directory.join("confusion_matrix.png"), confusion_png(y_true, y_pred, labels))
+    if epochs:
+        storage.write_bytes(directory.join("training_curves.png"), curves_png(epochs))
+    markdown = report_markdown(metrics, labels, y_true, y_pred, texts, baseline, bool(epochs))
+    storage.write_bytes(directory.join("report.md"), markdown.encode())
+    logger.info("report written to %s", directory.join("report.md").url)
+    return metrics

@@ -1,0 +1,98 @@
+"""Evaluation reports: numbers checked against scikit-learn, PNGs checked as images."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+from conftest import easy_rows, put_parquet
+from textlabel import storage
+from textlabel.cli import evaluate_main
+from textlabel.report import write_report
+
+
+def _per_class_rows(markdown: str, heading: str) -> dict[str, list[float]]:
+    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and re.fullmatch(r"[0-9.]+", cells[1]):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    return rows
+
+
+def _png_shape(loc: storage.Location) -> tuple[int, ...]:
+    data = storage.read_bytes(loc)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import io
+    return mpimg.imread(io.BytesIO(data), format="png").shape
+
+
+def _check_against_sklearn(markdown: str, heading: str, y_true, y_pred, labels):
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=range(len(labels)), zero_division=0)
+    table = _per_class_rows(markdown, heading)
+    assert list(table) == labels
+    for i, name in enumerate(labels):
+        np.testing.assert_allclose(table[name], [precision[i], recall[i], f1[i], support[i]], atol=1e-4)
+
+
+def test_report_numbers_match_sklearn_and_pngs_are_images(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = ["ham", "spam", "unsure"]
+    y_true = rng.integers(0, 3, 300)
+    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 3, 300))
+    texts = [f"message {i}" for i in range(300)]
+    epochs = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.5 + e / 10, "val_macro_f1": 0.4 + e / 10} for e in (1, 2, 3)]
+    out = storage.resolve(str(tmp_path / "report"))
+    metrics = write_report(out, labels, y_true, y_pred, texts, epochs)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    markdown = (tmp_path / "report/report.md").read_text()
+    _check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
+    assert f"| fine-tuned model | {accuracy_score(y_true, y_pred):.4f} |" in markdown
+    wrong = int((y_true != y_pred).sum())
+    assert markdown.count("| message ") == min(10, wrong)
+    for name in ["confusion_matrix.png", "training_curves.png"]:
+        height, width = _png_shape(out.join(name))[:2]
+        assert 300 <= height <= 3000 and 500 <= width <= 4000
+
+
+def test_training_writes_a_report_with_a_tfidf_baseline(trained):
+    out = storage.resolve(trained["output"])
+    metrics = storage.read_json(out.join("metrics.json"))
+    baseline = metrics["baseline_tfidf_logreg"]
+    assert baseline["accuracy"] > 0.9  # one polar word per row: easy for TF-IDF too
+    markdown = storage.read_bytes(out.join("report", "report.md")).decode()
+    assert "TF-IDF + logistic regression (same split)" in markdown
+    assert f"| fine-tuned model | {metrics['epochs'][-1]['val_accuracy']:.4f} |" in markdown
+    assert len(_png_shape(out.join("report", "training_curves.png"))) == 3
+    assert not storage.exists(out.join("model", "history.json"))
+
+
+def test_evaluate_job_matches_sklearn_on_independent_predictions(trained, s3_prefix, tmp_path):
+    from transformers import pipeline
+
+    rows = easy_rows(300, seed=42)
+    rows = pa.table({"text": rows["text"], "label": rows["label"]})
+    put_parquet(f"{s3_prefix}/holdout.parquet", rows)
+    assert evaluate_main(["--model", f"{trained['output']}/model", "--data", f"{s3_prefix}/holdout.parquet",
+                          "--output", f"{s3_prefix}/eval", "--batch-size", "16"]) == 0
+    out = storage.resolve(f"{s3_prefix}/eval")
+    summary = storage.read_json(out.join("metrics.json"))
+    local = tmp_path / "model"
+    storage.copy_dir(storage.resolve(f"{trained['output']}/model"), storage.resolve(str(local)))
+    classify = pipeline("text-classification", model=str(local), device="cpu")
+    labels = ["negative", "positive"]
+    y_pred = np.array([labels.index(p["label"]) for p in classify(rows["text"].to_pylist())])
+    y_true = np.array([labels.index(x) for x in rows["label"].to_pylist()])
+    assert summary["rows"] == 300
+    assert summary["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert summary["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    markdown = storage.read_bytes(out.join("report.md")).decode()
+    _check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
+    assert _png_shape(out.join("confusion_matrix.png"))[0] >= 300
