@@ -62,3 +62,12 @@ def test_label_pool_size_and_checks():
 
 def parse_label(argv):
     return parse_config(LabelConfig, argv, "textlabel label", "test")
+
+
+@pytest.mark.parametrize("command", ["train", "label", "evaluate"])
+def test_console_script_runs_each_job(command):
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "textlabel"
+    out = subprocess.run([str(script), command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert f"usage: textlabel {command}" in out and "--model" in out

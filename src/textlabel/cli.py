@@ -60,9 +60,9 @@ def _label(argv: list[str] | None) -> object:
     cfg = parse_config(LabelConfig, argv, "textlabel label", "Label Parquet corpora with a fine-tuned classifier, on Ray Data.")
     from textlabel.label import check_inputs, run_labelling
 
-    check_inputs(cfg)  # bad input fails before Ray starts or any model loads
+    files = check_inputs(cfg)  # bad input fails before Ray starts or any model loads
     init_ray()
-    return run_labelling(cfg)
+    return run_labelling(cfg, files)
 
 
 def label_main(argv: list[str] | None = None) -> int:

@@ -201,11 +201,14 @@ def check_cluster_fits(cfg: LabelConfig) -> None:
         ])
 
 
-def run_labelling(cfg: LabelConfig) -> dict[str, Any]:
-    """Label every row under ``cfg.input`` into ``cfg.output``; returns the summary."""
+def run_labelling(cfg: LabelConfig, files: list | None = None) -> dict[str, Any]:
+    """Label every row under ``cfg.input`` into ``cfg.output``; returns the summary.
+
+    ``files`` are check_inputs' result when the caller already ran it.
+    """
     start = time.perf_counter()
     src = storage.resolve(cfg.input)
-    files = check_inputs(cfg)
+    files = files if files is not None else check_inputs(cfg)
     check_cluster_fits(cfg)
     rows_in = count_rows(src.fs, [f.path for f in files])
     out = storage.resolve(cfg.output)

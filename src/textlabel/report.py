@@ -47,7 +47,7 @@ def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> 
 
     ids = list(range(len(labels)))
     size = max(5.0, 0.45 * len(labels) + 3)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
     for ax, normalize, title in [(axes[0], None, "counts"), (axes[1], "true", "share of each true class")]:
         ConfusionMatrixDisplay.from_predictions(
             y_true, y_pred, labels=ids, display_labels=labels, normalize=normalize, ax=ax,
@@ -68,7 +68,7 @@ def curves_png(epochs: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     x = [e["epoch"] for e in epochs]
-    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     loss_ax.plot(x, [e["train_loss"] for e in epochs], "o-", label="train loss")
     loss_ax.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
     score_ax.plot(x, [e["val_accuracy"] for e in epochs], "o-", label="validation accuracy")
@@ -79,6 +79,9 @@ def curves_png(epochs: list[dict]) -> bytes:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
+    loss_ax.set_ylim(bottom=0)
+    lowest = min(min(e["val_accuracy"], e["val_macro_f1"]) for e in epochs)
+    score_ax.set_ylim(max(0.0, lowest - 0.1), 1.0)  # absolute scale: no offset axis for one epoch
     data = _png(fig)
     plt.close(fig)
     return data
