@@ -89,6 +89,7 @@ def trained(ray_session, tiny_model, s3_endpoint):
     """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it."""
     prefix = "s3://tests/train-e2e"
     table = easy_rows(1200, seed=1)
+    table = table.sort_by("label")  # one class after the other: training must shuffle globally
     put_parquet(f"{prefix}/data/part-0.parquet", table.slice(0, 600))
     put_parquet(f"{prefix}/data/part-1.parquet", table.slice(600))
     output = f"{prefix}/run"

@@ -54,9 +54,9 @@ def test_label_pool_size_and_checks():
     assert parse_label(base + ["--num-actors", "2,8"]).pool_size() == (2, 8)
     assert parse_label(base).pool_size() == (1, 1)
     with pytest.raises(ConfigError) as err:
-        parse_label(["--model", "m", "--input", "s3://b/x/", "--output", "s3://b/x", "--num-actors", "3,1",
+        parse_label(["--model", "m", "--input", "s3://b/x/", "--output", "s3://b/x/labels", "--num-actors", "3,1",
                      "--quantize", "--use-gpu"])
-    for expected in ["--num-actors must be N or MIN,MAX", "--quantize is for CPU", "--output must differ from --input"]:
+    for expected in ["--num-actors must be N or MIN,MAX", "--quantize is for CPU", "--output must not be --input or inside it"]:
         assert expected in str(err.value)
 
 

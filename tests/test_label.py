@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.dataset as pads
 import pytest
 
@@ -36,6 +37,12 @@ def _read_output(url: str) -> pa.Table:
 
 def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     corpus = _corpus(f"{s3_prefix}/corpus", [700, 300, 5])
+    # Two rows without text: kept, with a null label, never given a made-up one.
+    texts = corpus["text"].to_pylist()
+    texts[5] = texts[900] = None
+    corpus = corpus.set_column(1, "text", pa.array(texts, pa.string()))
+    put_parquet(f"{s3_prefix}/corpus/part-0.parquet", corpus.slice(0, 700))
+    put_parquet(f"{s3_prefix}/corpus/part-1.parquet", corpus.slice(700, 300))
     model = f"{trained['output']}/model"
     out = f"{s3_prefix}/labels"
     assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
@@ -47,7 +54,10 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     assert set(result.column_names) == {"id", "text", "label", "source", "pred_label", "pred_label_id", "pred_score"}
     assert result["text"].to_pylist() == corpus["text"].to_pylist()
     assert result["source"].to_pylist() == corpus["source"].to_pylist()
-    assert set(result["pred_label"].to_pylist()) <= {"negative", "positive"}
+    unlabelled = result.filter(pa.compute.is_null(result["pred_label"]))
+    assert unlabelled["id"].to_pylist() == [5, 900] and unlabelled["pred_score"].null_count == 2
+    result = result.filter(pa.compute.is_valid(result["pred_label"]))
+    assert set(result["pred_label"].to_pylist()) == {"negative", "positive"}
     names = np.array(["negative", "positive"])
     assert (names[result["pred_label_id"].to_numpy()] == np.array(result["pred_label"].to_pylist())).all()
     scores = result["pred_score"].to_numpy()
@@ -56,6 +66,9 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     assert accuracy > 0.9
     summary = storage.read_json(storage.resolve(out).join("_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_in"] == 3
+    # Running again into the same prefix would append duplicates: refused, nothing added.
+    assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out, "--label-prefix", "pred_"]) == 2
+    assert _read_output(out).num_rows == corpus.num_rows
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -113,8 +113,9 @@ class LabelConfig:
             problems.append(f"--num-actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
         if self.quantize and self.use_gpu:
             problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
-        if self.input and self.output and self.input.rstrip("/") == self.output.rstrip("/"):
-            problems.append("--output must differ from --input: labels are written beside, not over, the corpus")
+        inp, out = self.input.rstrip("/"), self.output.rstrip("/")
+        if inp and out and (inp == out or out.startswith(inp + "/")):
+            problems.append("--output must not be --input or inside it: the next run would read the labels as corpus")
         if problems:
             raise ConfigError(problems)
 

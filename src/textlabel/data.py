@@ -80,7 +80,10 @@ class LabelledRows:
 def _label_names(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_floating(column.type):
         # Integer labels read through CSV with nulls come back as floats: 1.0 -> "1".
-        return pc.cast(pc.cast(column, pa.int64()), pa.string())
+        try:
+            return pc.cast(pc.cast(column, pa.int64()), pa.string())
+        except pa.ArrowInvalid as exc:
+            raise DataError(f"labels must be names or integers, not fractions ({exc}); check --label-column") from exc
     return pc.cast(column, pa.string())
 
 
@@ -136,8 +139,12 @@ def stratified_split(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Ta
     index = np.arange(table.num_rows)
     counts = np.bincount(ids)
     splittable = counts[ids] >= 2
-    train_idx, val_idx = train_test_split(
-        index[splittable], test_size=fraction, random_state=seed, stratify=ids[splittable]
-    )
+    try:
+        train_idx, val_idx = train_test_split(
+            index[splittable], test_size=fraction, random_state=seed, stratify=ids[splittable]
+        )
+    except ValueError as exc:
+        raise DataError(f"cannot hold out a stratified --val-fraction {fraction} of {table.num_rows} rows ({exc}); "
+                        "pass more rows, a larger --val-fraction or --validation-data") from exc
     train_idx = np.concatenate([train_idx, index[~splittable]])
     return table.take(np.sort(train_idx)), table.take(np.sort(val_idx))

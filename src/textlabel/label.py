@@ -36,8 +36,10 @@ def _tokenizer(model: str | None):
 
 def tokenize_batch(batch: pa.Table, model: str | None, text_column: str, max_length: int) -> pa.Table:
     """Add token ids (unpadded, truncated to max_length) for the text column."""
-    texts = batch[text_column].to_pylist()
-    ids = _tokenizer(model)(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    texts = batch[text_column]
+    ids = _tokenizer(model)(pc.fill_null(texts, "").to_pylist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
+    # A null text gets no tokens: the predictor gives it a null label (never a made-up one).
+    ids = [None if t is None else i for t, i in zip(texts.to_pylist(), ids)]
     return batch.append_column(TOKENS, pa.array(ids, type=pa.list_(pa.int32())))
 
 
@@ -69,7 +71,7 @@ class Predictor:
         self.use_gpu = use_gpu
         self.prefix = prefix
 
-    def _forward(self, net, rows: list[np.ndarray]):
+    def _forward(self, net, rows: list[list[int]]):
         torch = self.torch
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
@@ -82,7 +84,7 @@ class Predictor:
             logits = net(**inputs).logits.float()
         return torch.softmax(logits, dim=-1).cpu().numpy()
 
-    def _probabilities(self, rows: list[np.ndarray]) -> np.ndarray:
+    def _probabilities(self, rows: list[list[int]]) -> np.ndarray:
         """int8 probabilities, with rows whose top-two margin is under recheck_margin redone in full precision."""
         probs = self._forward(self.fast, rows)
         if self.recheck_margin > 0 and probs.shape[1] > 1:
@@ -93,21 +95,23 @@ class Predictor:
         return probs
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tokens = batch[TOKENS].to_numpy(zero_copy_only=False)
-        order = np.argsort([len(t) for t in tokens], kind="stable")
-        label_id = np.empty(len(tokens), dtype=np.int64)
-        score = np.empty(len(tokens), dtype=np.float32)
+        tokens = batch[TOKENS].to_pylist()
+        present = np.array([t is not None for t in tokens], dtype=bool)
+        lengths = np.array([len(t) if t is not None else 0 for t in tokens])
+        order = np.flatnonzero(present)[np.argsort(lengths[present], kind="stable")]
+        label_id = np.zeros(len(tokens), dtype=np.int64)
+        score = np.zeros(len(tokens), dtype=np.float32)
         with self.torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 probs = self._probabilities([tokens[i] for i in idx])
                 score[idx] = probs.max(axis=1)
                 label_id[idx] = probs.argmax(axis=1)
-        out = batch.drop_columns([TOKENS])
+        out, missing = batch.drop_columns([TOKENS]), ~present
         return (
-            out.append_column(self.prefix + "label", pa.array(self.labels[label_id], type=pa.string()))
-            .append_column(self.prefix + "label_id", pa.array(label_id))
-            .append_column(self.prefix + "score", pa.array(score))
+            out.append_column(self.prefix + "label", pa.array(self.labels[label_id], type=pa.string(), mask=missing))
+            .append_column(self.prefix + "label_id", pa.array(label_id, mask=missing))
+            .append_column(self.prefix + "score", pa.array(score, mask=missing))
         )
 
 
@@ -133,6 +137,9 @@ def check_input_schema(cfg: LabelConfig, fs, files: list) -> pa.Schema:
         raise data_lib.DataError(
             f"{files[0].path}: no column {cfg.text_column!r}; the columns are: {', '.join(schema.names)}. Pass --text-column"
         )
+    text_type = schema.field(cfg.text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        raise data_lib.DataError(f"{files[0].path}: column {cfg.text_column!r} holds {text_type}, not text; pass --text-column")
     clash = [cfg.label_prefix + c for c in OUTPUT_COLUMNS if cfg.label_prefix + c in schema.names]
     if clash:
         raise data_lib.DataError(
@@ -179,11 +186,19 @@ def build_pipeline(cfg: LabelConfig, fs, files: list):
     return add_predictions(ds, cfg)
 
 
+def check_output_empty(url: str) -> None:
+    """Labels go to a fresh prefix: appending to earlier output would duplicate rows."""
+    out = storage.resolve(url)
+    if storage.exists(out) and storage.list_files(out, ".parquet"):
+        raise data_lib.DataError(f"--output {url} already holds Parquet files; write each run to a new prefix (e.g. one per date)")
+
+
 def check_inputs(cfg: LabelConfig) -> list:
-    """Every check that needs no model: the input files, their text column, the model's files."""
+    """Every check that needs no model: the input files, their text column, the output, the model's files."""
     src = storage.resolve(cfg.input)
     files = input_files(cfg.input)
     check_input_schema(cfg, src.fs, files)
+    check_output_empty(cfg.output)
     model_lib.check_model_dir(cfg.model)
     return files
 
@@ -194,8 +209,13 @@ def check_cluster_fits(cfg: LabelConfig) -> None:
 
     lo, hi = cfg.pool_size()
     cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus - hi * cfg.cpus_per_actor < 1:
-        raise ConfigError([
+    if cpus - hi * cfg.cpus_per_actor >= 1 or cfg.use_gpu:
+        return
+    if len([n for n in ray.nodes() if n["Alive"]]) > 1 or cpus == 0:
+        # A cluster with worker nodes (or an autoscaling one with none yet) may grow: warn only.
+        logger.warning("the predictor pool may take all %g CPUs the cluster has now; reading needs one more", cpus)
+        return
+    raise ConfigError([
             f"{hi} predictor actors x --cpus-per-actor {cfg.cpus_per_actor} leave less than 1 of the cluster's "
             f"{cpus:g} CPUs for reading and tokenizing; lower --num-actors or --cpus-per-actor"
         ])
@@ -212,10 +232,9 @@ def run_labelling(cfg: LabelConfig, files: list | None = None) -> dict[str, Any]
     check_cluster_fits(cfg)
     rows_in = count_rows(src.fs, [f.path for f in files])
     out = storage.resolve(cfg.output)
-    before = {f.path for f in storage.list_files(out, ".parquet")} if storage.exists(out) else set()
     logger.info("labelling %d rows in %d files from %s with %s", rows_in, len(files), cfg.input, model_lib.describe(cfg.model))
     build_pipeline(cfg, src.fs, files).write_parquet(out.path, filesystem=out.fs, max_rows_per_file=cfg.rows_per_file)
-    written = [f.path for f in storage.list_files(out, ".parquet") if f.path not in before]
+    written = [f.path for f in storage.list_files(out, ".parquet")]
     rows_out = count_rows(out.fs, written)
     seconds = time.perf_counter() - start
     summary = {

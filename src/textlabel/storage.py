@@ -88,22 +88,26 @@ def info(loc: Location) -> pafs.FileInfo:
 
 
 def list_files(loc: Location, suffix: str) -> list[pafs.FileInfo]:
-    """Every file under ``loc`` (recursively) whose name ends with ``suffix``, sorted by path."""
+    """Every file under ``loc`` (recursively) whose name ends with ``suffix``, sorted by path;
+    names and folders starting with ``_`` or ``.`` are skipped."""
     try:
         found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
     except Exception as exc:
         raise _explain(loc.url, exc) from exc
+    def visible(f: pafs.FileInfo) -> bool:
+        # Like Spark and Hive: _SUCCESS, _temporary/, .staging/ ... are not data.
+        return not any(part.startswith((".", "_")) for part in f.path[len(loc.path):].split("/"))
+
     return sorted(
-        (f for f in found if f.type == pafs.FileType.File and f.base_name.endswith(suffix)
-         and not f.base_name.startswith((".", "_"))),
+        (f for f in found if f.type == pafs.FileType.File and f.base_name.endswith(suffix) and visible(f)),
         key=lambda f: f.path,
     )
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write a whole object; on object stores a single PUT, so readers see all or nothing."""
-    parent = loc.path.rsplit("/", 1)[0]
-    loc.fs.create_dir(parent, recursive=True)
+    if isinstance(loc.fs, pafs.LocalFileSystem):  # object stores need no directories (and must not create buckets)
+        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
     with loc.fs.open_output_stream(loc.path) as out:
         out.write(data)
 

@@ -32,8 +32,9 @@ from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, s
 
 logger = logging.getLogger(__name__)
 
-# Settings that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"num_workers", "use_gpu", "cpus_per_worker", "max_failures"}
+# Settings that may change between a run and its resumption without changing the result
+# (the worker count and device change the global batch and the optimizer state's device).
+_RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures"}
 
 
 @dataclasses.dataclass
@@ -59,15 +60,19 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
         train = table
     else:
         train, validation = data_lib.stratified_split(table, cfg.val_fraction, cfg.seed)
+    # A seeded global shuffle: inputs sorted by class would otherwise give one-class batches.
+    train = train.take(np.random.default_rng(cfg.seed).permutation(train.num_rows))
     if train.num_rows < cfg.num_workers:
         raise data_lib.DataError(f"{cfg.data}: {train.num_rows} training rows cannot feed {cfg.num_workers} workers")
     validation = validation.append_column("row_id", pa.array(range(validation.num_rows), pa.int64()))
     return PreparedData(train, validation, labels, dropped)
 
 
-def _check_resumable(out: storage.Location, cfg: TrainConfig, labels: list[str]) -> None:
+def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> None:
     """A rerun into the same output must be the same run; otherwise resuming would mix two."""
-    record = {"config": dataclasses.asdict(cfg), "labels": labels}
+    labels = prepared.labels
+    record = {"config": dataclasses.asdict(cfg), "labels": labels,
+              "rows": [prepared.train.num_rows, prepared.validation.num_rows]}
     saved_loc = out.join("run_config.json")
     if not storage.exists(out.join("checkpoints", "checkpoint_manager_snapshot.json")):
         storage.write_json(saved_loc, record)  # nothing to resume yet: these settings start it
@@ -79,6 +84,8 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, labels: list[str])
     )
     if saved.get("labels") != labels:
         changed.append("labels (the data's label set)")
+    if saved.get("rows") != record["rows"]:
+        changed.append(f"rows (training/validation rows were {saved.get('rows')}, now {record['rows']})")
     if changed:
         raise ConfigError([f"--output {cfg.output} already holds a run with different {', '.join(changed)}; "
                            "use a new --output, or rerun with the same settings to resume"])
@@ -144,7 +151,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     out = storage.resolve(cfg.output)
     prepared = prepare_data(cfg)
     model_lib.local_model_dir(cfg.model)  # fail on a bad --model before starting workers
-    _check_resumable(out, cfg, prepared.labels)
+    _check_resumable(out, cfg, prepared)
     logger.info(
         "training %s on %d rows (%d validation), %d classes, %d workers",
         model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,

@@ -72,7 +72,7 @@ def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     with checkpoint.as_directory() as directory:
         net = model_lib.load_classifier(directory).train()
         tokenizer = model_lib.load_tokenizer(directory)
-        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True, map_location="cpu")
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             history = json.load(f)
     history["resumed_at_epochs"].append(len(history["epochs"]))
