@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=40_000 if gpus else 400)
     parser.add_argument("--label-rows", type=int, default=200_000 if gpus else 2_000)
     parser.add_argument("--batch-size", type=int, default=64 if gpus else 16, help="per worker")
+    parser.add_argument("--json-out", help="also write the figures to this file")
     args = parser.parse_args()
     setup_logging()
     init_ray()
@@ -128,6 +129,8 @@ def main() -> None:
         "share_of_bf16_peak": {"train": round(train_tflops / (peak * max(gpus, 1)), 4), "label": round(label_tflops / (peak * max(gpus, 1)), 4)} if peak else None,
     }
     print(json.dumps(report, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,14 @@ def test_train_then_label_submitted_as_ray_jobs(ray_head, repo_root, tiny_model,
                                   "--output", f"{s3_prefix}/labels", "--label-prefix", "pred_"])
     summary = storage.read_json(storage.resolve(f"{s3_prefix}/labels/_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == 200
+
+
+def test_gpu_check_runs_reduced_on_cpu(repo_root, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user runs it
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks/gpu_check.py"), "--json-out", str(tmp_path / "r.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["gpus"] == 0 and report["train"]["workers"] == 2
+    assert report["train"]["samples_per_s"] > 0 and report["train"]["effective_tflops"] > 0
+    assert report["label"]["rows"] == 2000 and report["label"]["rows_per_s"] > 0
