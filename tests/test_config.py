@@ -71,3 +71,9 @@ def test_console_script_runs_each_job(command):
     script = Path(sys.executable).parent / "textlabel"
     out = subprocess.run([str(script), command, "--help"], capture_output=True, text=True, check=True).stdout
     assert f"usage: textlabel {command}" in out and "--model" in out
+
+
+@pytest.mark.parametrize("name, cls", [("train.yaml", TrainConfig), ("label.yaml", LabelConfig)])
+def test_every_shipped_config_loads(repo_root, name, cls):
+    cfg = parse_config(cls, ["--config", str(repo_root / "jobs/configs" / name)], "t", "t")
+    assert cfg.use_gpu
