@@ -131,6 +131,14 @@ def encode_labels(rows: LabelledRows, labels: list[str], url: str) -> pa.Table:
     return pa.table({"text": rows.table["text"], "label_id": pc.cast(ids, pa.int64())})
 
 
+def to_dataset(table: pa.Table, blocks: int):
+    """A Ray Dataset of ``table`` in about ``blocks`` blocks (so shards and shuffles have something to mix)."""
+    import ray
+
+    size = max(1, -(-table.num_rows // blocks))
+    return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
+
+
 def stratified_split(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Seeded split keeping each class's share; classes too small to split stay in training."""
     from sklearn.model_selection import train_test_split

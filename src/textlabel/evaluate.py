@@ -29,8 +29,6 @@ def model_labels(model: str) -> list[str]:
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     """Predict every labelled row with the model; write metrics.json and the report under --output."""
-    import ray
-
     start = time.perf_counter()
     rows = data_lib.read_labelled(cfg.data, cfg.text_column, cfg.label_column)
     model_lib.check_model_dir(cfg.model)
@@ -42,8 +40,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
                             quantize=cfg.quantize, label_prefix="pred_")
     label_cfg.validate()
     check_cluster_fits(label_cfg)
-    blocks = max(1, table.num_rows // 2000)
-    ds = ray.data.from_arrow([table.slice(i * 2000, 2000) for i in range(blocks + 1) if i * 2000 < table.num_rows])
+    ds = data_lib.to_dataset(table, blocks=-(-table.num_rows // 2000))
     predicted = add_predictions(ds, label_cfg).select_columns(["row_id", "pred_label_id"])
     predicted = pa.concat_tables(predicted.iter_batches(batch_format="pyarrow")).sort_by("row_id")
     if predicted.num_rows != table.num_rows:

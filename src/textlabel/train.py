@@ -92,12 +92,6 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: Prepared
     logger.info("%s holds an earlier run with the same settings: resuming it", cfg.output)
 
 
-def _to_dataset(table: pa.Table, blocks: int) -> ray.data.Dataset:
-    # Several blocks, so that workers' shards and local shuffling have something to mix.
-    size = max(1, math.ceil(table.num_rows / blocks))
-    return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
-
-
 def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) -> TorchTrainer:
     settings = LoopSettings(
         model=cfg.model, labels=prepared.labels, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -118,8 +112,8 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={
-            "train": _to_dataset(prepared.train, 8 * cfg.num_workers),
-            "validation": _to_dataset(prepared.validation, 2 * cfg.num_workers),
+            "train": data_lib.to_dataset(prepared.train, 8 * cfg.num_workers),
+            "validation": data_lib.to_dataset(prepared.validation, 2 * cfg.num_workers),
         },
         # Validation is not split (a split may drop rows); workers take row_id % world each.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
