@@ -1,7 +1,8 @@
 """Shared fixtures: one S3 server on loopback, one local Ray, a tiny BERT, easy data.
 
-The S3 server starts before Ray so that every Ray worker inherits the AWS
-environment pointing at it, as workers on a cluster inherit an instance profile.
+The S3 server (behind a fault-injecting proxy, faultproxy.py) starts before Ray so
+that every Ray worker inherits the AWS environment pointing at it, as workers on a
+cluster inherit an instance profile.
 """
 
 from __future__ import annotations
@@ -36,10 +37,22 @@ def easy_rows(n: int, seed: int = 0) -> pa.Table:
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
+    """The S3 server, behind a fault-injecting proxy that passes everything until a test sets its fail_rate."""
+    import os
+
+    from faultproxy import FaultProxy
     from textlabel.s3server import local_s3
 
-    with local_s3(buckets=("tests",)) as endpoint:
-        yield endpoint
+    with local_s3(buckets=("tests",)) as endpoint, FaultProxy(int(endpoint.rsplit(":", 1)[1])) as proxy:
+        os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url  # local_s3 restores it on exit
+        yield proxy
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint):
+    """The session's fault proxy; faults stop when the test ends."""
+    yield s3_endpoint
+    s3_endpoint.fail_rate = 0.0
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +70,32 @@ def s3_prefix(s3_endpoint) -> str:
     return f"s3://tests/{uuid.uuid4().hex[:10]}"
 
 
-def put_parquet(url: str, table: pa.Table) -> None:
+def put_parquet(url: str, table: pa.Table, **options) -> None:
     loc = storage.resolve(url)
     with loc.fs.open_output_stream(loc.path) as out:
-        pq.write_table(table, out)
+        pq.write_table(table, out, **options)
+
+
+def corpus(prefix: str, sizes: list[int], first_id: int = 0, seed: int = 100, name: str = "part") -> pa.Table:
+    """Parquet files PREFIX/NAME-i.parquet with a unique id, the text, its true label and one more column."""
+    parts, start = [], first_id
+    for i, n in enumerate(sizes):
+        t = easy_rows(n, seed=seed + i)
+        t = pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": t["text"],
+                      "label": t["label"], "source": pa.array([f"feed-{i}"] * n)})
+        put_parquet(f"{prefix}/{name}-{i}.parquet", t)
+        parts.append(t)
+        start += n
+    return pa.concat_tables(parts)
+
+
+def read_output(url: str) -> pa.Table:
+    """Every row a reader of the output prefix sees (visible *.parquet files; _ and . names are not data)."""
+    import pyarrow.dataset as pads
+
+    loc = storage.resolve(url)
+    files = [f.path for f in storage.list_files(loc, ".parquet")] if storage.exists(loc) else []
+    return pads.dataset(files, filesystem=loc.fs).to_table() if files else pa.table({})
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.dataset as pads
 import pytest
 
-from conftest import easy_rows, put_parquet
+from conftest import corpus as make_corpus, easy_rows, put_parquet, read_output
 from textlabel import storage
 from textlabel.cli import label_main
 
@@ -17,26 +16,8 @@ def _label(args: list) -> int:
     return label_main([str(a) for a in args])
 
 
-def _corpus(prefix: str, sizes: list[int]) -> pa.Table:
-    """Parquet files with an id, the text, its true label and one more column."""
-    parts, start = [], 0
-    for i, n in enumerate(sizes):
-        t = easy_rows(n, seed=100 + i)
-        t = pa.table({"id": pa.array(range(start, start + n), pa.int64()), "text": t["text"],
-                      "label": t["label"], "source": pa.array([f"feed-{i}"] * n)})
-        put_parquet(f"{prefix}/part-{i}.parquet", t)
-        parts.append(t)
-        start += n
-    return pa.concat_tables(parts)
-
-
-def _read_output(url: str) -> pa.Table:
-    loc = storage.resolve(url)
-    return pads.dataset([f.path for f in storage.list_files(loc, ".parquet")], filesystem=loc.fs).to_table()
-
-
 def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
-    corpus = _corpus(f"{s3_prefix}/corpus", [700, 300, 5])
+    corpus = make_corpus(f"{s3_prefix}/corpus", [700, 300, 5])
     # Two rows without text: kept, with a null label, never given a made-up one.
     texts = corpus["text"].to_pylist()
     texts[5] = texts[900] = None
@@ -48,14 +29,16 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
                    "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "1,2", "--cpus-per-actor", 0.5,
                    "--max-length", 32]) == 0
-    result = _read_output(out).sort_by("id")
+    result = read_output(out).sort_by("id")
     assert result.num_rows == corpus.num_rows
     assert result["id"].to_pylist() == corpus["id"].to_pylist()  # every row once, none duplicated
-    assert set(result.column_names) == {"id", "text", "label", "source", "pred_label", "pred_label_id", "pred_score"}
+    assert set(result.column_names) == {"id", "text", "label", "source", "pred_label", "pred_label_id", "pred_score",
+                                        "pred_truncated", "pred_skip_reason"}
     assert result["text"].to_pylist() == corpus["text"].to_pylist()
     assert result["source"].to_pylist() == corpus["source"].to_pylist()
     unlabelled = result.filter(pa.compute.is_null(result["pred_label"]))
     assert unlabelled["id"].to_pylist() == [5, 900] and unlabelled["pred_score"].null_count == 2
+    assert unlabelled["pred_skip_reason"].to_pylist() == ["null_text", "null_text"]
     result = result.filter(pa.compute.is_valid(result["pred_label"]))
     assert set(result["pred_label"].to_pylist()) == {"negative", "positive"}
     names = np.array(["negative", "positive"])
@@ -65,14 +48,15 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     accuracy = np.mean(np.array(result["pred_label"].to_pylist()) == np.array(result["label"].to_pylist()))
     assert accuracy > 0.9
     summary = storage.read_json(storage.resolve(out).join("_summary.json"))
-    assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_in"] == 3
-    # Running again into the same prefix would append duplicates: refused, nothing added.
-    assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out, "--label-prefix", "pred_"]) == 2
-    assert _read_output(out).num_rows == corpus.num_rows
+    assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_labelled"] == 3
+    assert summary["rows_skipped"] == {"null_text": 2} and summary["rows_labelled"] == corpus.num_rows - 2
+    # One output file per input file, under the same name.
+    assert sorted(f.base_name for f in storage.list_files(storage.resolve(out), ".parquet")) == [
+        "part-0.parquet", "part-1.parquet", "part-2.parquet"]
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("no_text_column", "no column 'text'; the columns are: id, body"),
+    ("no_text_column", "no input file can be labelled; the first, a.parquet: no column 'text' (columns: id, body)"),
     ("empty_prefix", "no *.parquet files there"),
     ("label_clash", "already has column(s) label; pass --label-prefix"),
     ("not_a_model", "no *.safetensors weights"),
@@ -100,7 +84,7 @@ def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from textlabel.label import Predictor, tokenize_batch
+    from textlabel.predict import Predictor, tokenize_batch
 
     texts = easy_rows(50, seed=7)["text"].to_pylist()
     texts[3] = "great " * 40  # one long row among short ones
@@ -115,16 +99,18 @@ def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
     np.testing.assert_allclose(out["score"].to_numpy(), [float(p.max()) for p in probs], rtol=1e-4)
 
 
-def test_a_pool_that_would_starve_reading_is_refused(trained, s3_prefix, caplog):
-    put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
+def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
+    for name in "abc":
+        put_parquet(f"{s3_prefix}/in/{name}.parquet", pa.table({"text": ["x"]}))
     code = _label(["--model", f"{trained['output']}/model", "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out",
-                   "--num-actors", "2", "--cpus-per-actor", "1"])
+                   "--num-actors", "3", "--cpus-per-actor", "1"])
     assert code == 2
-    assert "leave less than 1 of the cluster's 2 CPUs for reading and tokenizing" in caplog.text
+    assert "3 predictor actors x --cpus-per-actor 1.0 need more than the cluster's 2 CPUs" in caplog.text
+    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
 
 
 def test_quantized_rows_under_the_margin_are_relabelled_in_full_precision(tiny_model):
-    from textlabel.label import Predictor, tokenize_batch
+    from textlabel.predict import Predictor, tokenize_batch
 
     batch = tokenize_batch(pa.table({"text": easy_rows(40, seed=9)["text"]}), tiny_model, "text", 64)
     full = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=False)(batch)

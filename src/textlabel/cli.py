@@ -34,12 +34,17 @@ def init_ray() -> None:
 
 
 def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> int:
+    from textlabel.label import FilesFailed
+
     setup_logging()
     try:
         job(argv)
     except USER_ERRORS as exc:
         logger.error("%s", exc)
         return 2
+    except FilesFailed as exc:
+        logger.error("%s", exc)
+        return 3
     return 0
 
 
@@ -58,15 +63,15 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _label(argv: list[str] | None) -> object:
     cfg = parse_config(LabelConfig, argv, "textlabel label", "Label Parquet corpora with a fine-tuned classifier, on Ray Data.")
-    from textlabel.label import check_inputs, run_labelling
+    from textlabel.label import run_labelling
 
-    files = check_inputs(cfg)  # bad input fails before Ray starts or any model loads
-    init_ray()
-    return run_labelling(cfg, files)
+    # Bad input fails before Ray starts or any model loads; a night with nothing new never starts Ray.
+    return run_labelling(cfg, start_ray=init_ray)
 
 
 def label_main(argv: list[str] | None = None) -> int:
-    """``jobs/label.py``: label a corpus; exit 0 on success, 2 on bad input, 1 on failure."""
+    """``jobs/label.py``: label what is new; exit 0 when every file is labelled, 3 when some file could
+    not be (the rest are), 2 on bad input, 1 on failure."""
     return _run(_label, argv)
 
 

@@ -77,9 +77,9 @@ class LabelConfig:
 
     model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
     input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
-    output: str = _opt("", "Output prefix: labelled Parquet files and _summary.json are written under it.", True)
+    output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest.json and _summary.json. Rerunning labels only what is new.", True)
     text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
-    label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score), e.g. pred_ when the input has a label column.")
+    label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
     batch_size: int = _opt(64, "Rows per model call (length-grouped, padded only to the batch's longest row).")
     num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX to autoscale the pool.")
     cpus_per_actor: float = _opt(1.0, "CPUs reserved per predictor actor (torch uses as many threads).")
@@ -89,7 +89,9 @@ class LabelConfig:
     max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
     quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2x faster; see README for its accuracy cost).")
     recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
-    rows_per_file: int = _opt(1_000_000, "Most rows per output Parquet file.")
+    rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...).")
+    relabel: bool = _opt(False, "Label every input file again, not only new, changed and failed ones; each output file is replaced in place.")
+    keep_old_labels: bool = _opt(False, "When --output holds labels from another model: keep them and label only new or changed files with this one (default: refuse).")
 
     def pool_size(self) -> tuple[int, int]:
         """(min, max) predictor actors from --num-actors."""
@@ -113,6 +115,8 @@ class LabelConfig:
             problems.append(f"--num-actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
         if self.quantize and self.use_gpu:
             problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
+        if self.relabel and self.keep_old_labels:
+            problems.append("--relabel and --keep-old-labels contradict each other: pass one")
         inp, out = self.input.rstrip("/"), self.output.rstrip("/")
         if inp and out and (inp == out or out.startswith(inp + "/")):
             problems.append("--output must not be --input or inside it: the next run would read the labels as corpus")

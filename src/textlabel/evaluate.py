@@ -13,7 +13,7 @@ from textlabel import data as data_lib
 from textlabel import model as model_lib
 from textlabel import storage
 from textlabel.config import EvaluateConfig, LabelConfig
-from textlabel.label import add_predictions, check_cluster_fits
+from textlabel.predict import add_predictions, check_cluster_fits
 from textlabel.report import write_report
 
 logger = logging.getLogger(__name__)

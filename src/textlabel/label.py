@@ -1,250 +1,392 @@
-"""The labelling job: Parquet in, a streaming Ray Data pipeline, Parquet out.
+"""The labelling job: incremental, exactly-once labelling of a growing Parquet corpus.
 
-read_parquet -> tokenize (CPU tasks) -> predictor actor pool -> write_parquet.
-Each predictor batch is sorted by token length and cut into model batches that
-pad only to their own longest row; rows go back to their order afterwards.
+Each run lists the input files with their versions (S3 ETag, or size and mtime), reads
+the manifest under --output (manifest.py) and labels only the files it does not vouch
+for: new files, changed files, files that failed before (all of them with --relabel).
+
+The unit of work is a *part*: one input file, or a run of its row groups when the file
+holds more than --rows-per-file rows. Parts go through a Ray Data actor pool; each
+actor reads its part, labels it (reading and tokenizing the next batch while the model
+runs), and writes the output file in one atomic PUT (a rename on local disks) under a
+name fixed by the input path and part number. A retried part therefore overwrites
+itself: killed at any point, the next run leaves every input row in exactly one
+output row. A file's manifest record is written only after all its parts exist.
+
+A file that cannot be labelled (unreadable, no text column, zero rows, ...) is recorded
+as failed, with its reason, and the run goes on; the job then exits 3. Rows that
+cannot be labelled (null, blank, non-text, invalid UTF-8) keep a null label and a
+``skip_reason``; rows cut at --max-length are labelled and flagged ``truncated``.
 """
 
 from __future__ import annotations
 
-import functools
+import datetime as dt
+import json
 import logging
 import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from textlabel import data as data_lib
 from textlabel import model as model_lib
-from textlabel import storage
+from textlabel import predict, storage
 from textlabel.config import ConfigError, LabelConfig
+from textlabel.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("label", "label_id", "score")
-TOKENS = "__textlabel_input_ids"
+OUTPUT_COLUMNS = ("label", "label_id", "score", "truncated", "skip_reason")
+SUMMARY = "_summary.json"
+RUNS = "_runs"
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model: str | None):
-    # Once per worker process: tokenizer files come from the same cache as the model.
-    return model_lib.load_tokenizer(model_lib.local_model_dir(model))
+class FilesFailed(RuntimeError):
+    """The run finished every file it could, but some could not be labelled (exit code 3)."""
 
 
-def tokenize_batch(batch: pa.Table, model: str | None, text_column: str, max_length: int) -> pa.Table:
-    """Add token ids (unpadded, truncated to max_length) for the text column."""
-    texts = batch[text_column]
-    ids = _tokenizer(model)(pc.fill_null(texts, "").to_pylist(), truncation=True, max_length=max_length, padding=False)["input_ids"]
-    # A null text gets no tokens: the predictor gives it a null label (never a made-up one).
-    ids = [None if t is None else i for t, i in zip(texts.to_pylist(), ids)]
-    return batch.append_column(TOKENS, pa.array(ids, type=pa.list_(pa.int32())))
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-class Predictor:
-    """Loads the model once per actor; maps a tokenized batch to labelled rows."""
-
-    def __init__(self, model: str | None, batch_size: int, use_gpu: bool, quantize: bool, prefix: str = "",
-                 threads: int = 1, recheck_margin: float = 0.0):
-        import torch
-
-        torch.set_num_threads(threads)
-        self.torch = torch
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.net = model_lib.load_classifier(model_lib.local_model_dir(model)).to(self.device)
-        self.fast = self.net
-        if quantize:
-            # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
-            from torch.ao.quantization import per_channel_dynamic_qconfig
-
-            self.fast = torch.ao.quantization.quantize_dynamic(
-                model_lib.load_classifier(model_lib.local_model_dir(model)),
-                {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-            )
-        self.recheck_margin = recheck_margin if quantize else 0.0
-        config = self.net.config
-        self.labels = np.array([config.id2label[i] for i in range(config.num_labels)], dtype=object)
-        self.pad_id = _tokenizer(model).pad_token_id or 0
-        self.batch_size = batch_size
-        self.use_gpu = use_gpu
-        self.prefix = prefix
-
-    def _forward(self, net, rows: list[list[int]]):
-        torch = self.torch
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        inputs = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_gpu):
-            logits = net(**inputs).logits.float()
-        return torch.softmax(logits, dim=-1).cpu().numpy()
-
-    def _probabilities(self, rows: list[list[int]]) -> np.ndarray:
-        """int8 probabilities, with rows whose top-two margin is under recheck_margin redone in full precision."""
-        probs = self._forward(self.fast, rows)
-        if self.recheck_margin > 0 and probs.shape[1] > 1:
-            top2 = np.sort(probs, axis=1)[:, -2:]
-            unsure = np.flatnonzero(top2[:, 1] - top2[:, 0] < self.recheck_margin)
-            if len(unsure):
-                probs[unsure] = self._forward(self.net, [rows[i] for i in unsure])
-        return probs
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        tokens = batch[TOKENS].to_pylist()
-        present = np.array([t is not None for t in tokens], dtype=bool)
-        lengths = np.array([len(t) if t is not None else 0 for t in tokens])
-        order = np.flatnonzero(present)[np.argsort(lengths[present], kind="stable")]
-        label_id = np.zeros(len(tokens), dtype=np.int64)
-        score = np.zeros(len(tokens), dtype=np.float32)
-        with self.torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                probs = self._probabilities([tokens[i] for i in idx])
-                score[idx] = probs.max(axis=1)
-                label_id[idx] = probs.argmax(axis=1)
-        out, missing = batch.drop_columns([TOKENS]), ~present
-        return (
-            out.append_column(self.prefix + "label", pa.array(self.labels[label_id], type=pa.string(), mask=missing))
-            .append_column(self.prefix + "label_id", pa.array(label_id, mask=missing))
-            .append_column(self.prefix + "score", pa.array(score, mask=missing))
-        )
+def part_name(rel: str, part: int, parts: int) -> str:
+    """The output file of one part: the input's own name, or NAME.part-00001.parquet when split."""
+    if parts == 1:
+        return rel
+    return f"{rel[: -len('.parquet')]}.part-{part:05d}.parquet"
 
 
-def input_files(url: str) -> list[storage.pafs.FileInfo]:
-    """The Parquet files to label: one file, or every *.parquet under a prefix."""
-    loc = storage.resolve(url)
-    found = storage.info(loc)
-    if found.type == storage.pafs.FileType.File:
-        if not loc.path.endswith(".parquet"):
-            raise data_lib.DataError(f"--input {url}: not a .parquet file; the labelling job reads Parquet")
-        return [found]
-    files = storage.list_files(loc, ".parquet") if found.type == storage.pafs.FileType.Directory else []
-    if not files:
-        raise data_lib.DataError(f"--input {url}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
-    return files
+@dataclass
+class Plan:
+    """What one run will do."""
+
+    files: list[dict[str, Any]]  # every input file version found
+    pending: list[dict[str, Any]] = field(default_factory=list)  # files to (re)label
+    parts: list[dict[str, Any]] = field(default_factory=list)  # their parts, the actors' work
+    failed: dict[str, str] = field(default_factory=dict)  # input -> reason, found without reading any row
+    notes: dict[str, str] = field(default_factory=dict)  # input -> schema note (labelled anyway)
+    unchanged: int = 0
+    gone: list[str] = field(default_factory=list)  # recorded inputs no longer listed
 
 
-def check_input_schema(cfg: LabelConfig, fs, files: list) -> pa.Schema:
-    """The corpus schema; a missing text column or a name clash fails here, before any model loads."""
-    with fs.open_input_file(files[0].path) as f:
-        schema = pq.read_schema(f)
+def _columns_note(schema: pa.Schema, reference: pa.Schema | None) -> str | None:
+    if reference is None or schema.names == reference.names:
+        return None
+    extra = [n for n in schema.names if n not in reference.names]
+    missing = [n for n in reference.names if n not in schema.names]
+    if not extra and not missing:
+        return "columns in another order than the corpus's first file"
+    return "columns differ from the corpus's first file: " + "; ".join(
+        s for s in (f"extra {extra}" if extra else "", f"missing {missing}" if missing else "") if s)
+
+
+def _inspect(cfg: LabelConfig, fs, f: dict[str, Any]) -> dict[str, Any]:
+    """Footer facts about one input file (no rows read), or why it cannot be labelled."""
+    try:
+        with fs.open_input_file(f["path"]) as fh:
+            meta = pq.ParquetFile(fh).metadata
+        schema = meta.schema.to_arrow_schema()
+    except Exception as exc:  # corrupt, truncated, not Parquet, unreadable: this file fails, not the run
+        return {"error": f"unreadable Parquet: {type(exc).__name__}: {exc}"}
     if cfg.text_column not in schema.names:
-        raise data_lib.DataError(
-            f"{files[0].path}: no column {cfg.text_column!r}; the columns are: {', '.join(schema.names)}. Pass --text-column"
-        )
-    text_type = schema.field(cfg.text_column).type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise data_lib.DataError(f"{files[0].path}: column {cfg.text_column!r} holds {text_type}, not text; pass --text-column")
+        return {"error": f"no column {cfg.text_column!r} (columns: {', '.join(schema.names)}); pass --text-column",
+                "schema": schema}
     clash = [cfg.label_prefix + c for c in OUTPUT_COLUMNS if cfg.label_prefix + c in schema.names]
     if clash:
+        return {"error": f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)", "schema": schema}
+    if meta.num_rows == 0:
+        return {"error": "zero rows: nothing to label (an empty export upstream?)", "schema": schema}
+    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return {"schema": schema, "rows": meta.num_rows, "row_groups": groups}
+
+
+def _split(groups: list[int], most: int) -> list[list[int]]:
+    """Consecutive row groups, at most ``most`` rows a part (a bigger row group is a part alone)."""
+    parts, current, rows = [], [], 0
+    for i, n in enumerate(groups):
+        if current and rows + n > most:
+            parts.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    return parts + ([current] if current else [])
+
+
+def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest) -> Plan:
+    """List the input versions, pick the files to label and cut them into parts."""
+    found = storage.list_versions(src, ".parquet")
+    if not found:
+        raise data_lib.DataError(f"--input {cfg.input}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
+    for f in found:
+        f["input"] = f["path"][len(root):].lstrip("/")
+    result = Plan(found)
+    listed = {f["input"] for f in found}
+    result.gone = sorted(k for k in manifest.files if k not in listed)
+    for f in found:
+        rec = manifest.files.get(f["input"])
+        if not cfg.relabel and rec and rec["status"] == "done" and rec["fingerprint"] == f["fingerprint"]:
+            result.unchanged += 1
+        else:
+            result.pending.append(f)
+    with ThreadPoolExecutor(16) as pool:
+        facts = list(pool.map(lambda f: _inspect(cfg, src.fs, f), result.pending))
+    reference = next((x["schema"] for x in facts if "schema" in x), None)
+    names: dict[str, str] = {}  # output -> the input it belongs to
+    for f, fact in zip(result.pending, facts):
+        if "error" in fact:
+            result.failed[f["input"]] = fact["error"]
+            continue
+        note = _columns_note(fact["schema"], reference)
+        if note:
+            result.notes[f["input"]] = note
+        split = _split(fact["row_groups"], cfg.rows_per_file)
+        outputs = [part_name(f["input"], k, len(split)) for k in range(len(split))]
+        taken = [o for o in outputs if o in names]
+        if taken:
+            result.failed[f["input"]] = f"output name {taken[0]} is also {names[taken[0]]}'s; rename one of the two inputs"
+            continue
+        names.update(dict.fromkeys(outputs, f["input"]))
+        for k, groups in enumerate(split):
+            result.parts.append({
+                "input": f["input"], "path": f["path"], "fingerprint": f["fingerprint"], "part": k, "parts": len(split),
+                "row_groups": groups, "rows": sum(fact["row_groups"][g] for g in groups), "output": outputs[k],
+            })
+    return result
+
+
+class PartLabeller:
+    """Ray Data actor: labels whole parts, one output file each, written atomically."""
+
+    def __init__(self, cfg: dict[str, Any], input_url: str, output_url: str, model_id: str):
+        self.cfg = LabelConfig(**cfg)
+        threads = self.cfg.threads_per_actor or max(1, round(self.cfg.cpus_per_actor))
+        self.scorer = predict.Scorer(self.cfg.model, self.cfg.batch_size, self.cfg.use_gpu, self.cfg.quantize,
+                                     threads, self.cfg.recheck_margin)
+        self.src = storage.resolve(input_url)
+        self.out = storage.resolve(output_url)
+        self.model_id = model_id
+
+    def _prepare(self, batch: pa.RecordBatch):
+        """Texts, tokens, truncation flags and skip reasons of one read batch (runs beside the model)."""
+        texts, reasons = predict.texts_of(batch.column(self.cfg.text_column))
+        tokens, truncated = predict.tokenize(self.cfg.model, texts, self.cfg.max_length)
+        return batch, tokens, truncated, reasons
+
+    def _labelled(self, batch: pa.RecordBatch, tokens, truncated, reasons) -> pa.Table:
+        table = pa.Table.from_batches([batch])
+        p = self.cfg.label_prefix
+        for name, column in self.scorer.columns(tokens, p).items():
+            table = table.append_column(name, column)
+        skipped = np.array([r is not None for r in reasons], dtype=bool)
+        table = table.append_column(p + "truncated", pa.array(truncated, mask=skipped))
+        return table.append_column(p + "skip_reason", pa.array(reasons, type=pa.string()))
+
+    def label_part(self, part: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        result = {"input": part["input"], "part": int(part["part"]), "output": part["output"], "rows_in": 0,
+                  "rows_out": 0, "skipped": "{}", "truncated": 0, "error": None, "seconds": 0.0}
+        try:
+            with self.src.fs.open_input_file(part["path"]) as fh:
+                reader = pq.ParquetFile(fh)
+                batches = reader.iter_batches(batch_size=16 * self.cfg.batch_size, row_groups=list(part["row_groups"]),
+                                              use_threads=False)
+                sink, writer, skipped, truncated = pa.BufferOutputStream(), None, Counter(), 0
+                with ThreadPoolExecutor(1) as ahead:
+                    def step():
+                        batch = next(batches, None)
+                        return None if batch is None else self._prepare(batch)
+                    pending = ahead.submit(step)
+                    while (item := pending.result()) is not None:
+                        pending = ahead.submit(step)  # read and tokenize the next batch while this one runs
+                        table = self._labelled(*item)
+                        if writer is None:
+                            meta = {"textlabel.input": part["input"], "textlabel.input_version": part["fingerprint"],
+                                    "textlabel.part": f"{part['part']}/{part['parts']}", "textlabel.model": self.model_id}
+                            writer = pq.ParquetWriter(sink, table.schema.with_metadata({**(table.schema.metadata or {}), **meta}))
+                        writer.write_table(table)
+                        result["rows_in"] += item[0].num_rows
+                        skipped.update(r for r in item[3] if r is not None)
+                        truncated += int(item[2].sum())
+                if writer is None:
+                    raise data_lib.DataError("the part has no rows")
+                writer.close()
+            if result["rows_in"] != part["rows"]:
+                raise data_lib.DataError(f"read {result['rows_in']} rows where the footer says {part['rows']}")
+            data = sink.getvalue()
+            storage.write_bytes(self.out.join(*part["output"].split("/")), data)
+            result.update(rows_out=pq.read_metadata(pa.BufferReader(data)).num_rows, skipped=json.dumps(dict(skipped)),
+                          truncated=truncated)
+        except Exception as exc:  # this part (so its file) fails; the run goes on
+            result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        return result
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self.label_part(part) for part in batch.to_pylist()])
+
+
+def _file_record(f: dict[str, Any], results: list[dict[str, Any]], model_id: str, run_id: str, note: str | None) -> dict[str, Any]:
+    errors = [r["error"] for r in sorted(results, key=lambda r: r["part"]) if r["error"]]
+    skipped: Counter = Counter()
+    for r in results:
+        skipped.update(json.loads(r["skipped"]))
+    return {
+        "input": f["input"], "fingerprint": f["fingerprint"], "size": f["size"],
+        "status": "failed" if errors else "done", "error": errors[0] if errors else None,
+        "outputs": [] if errors else [r["output"] for r in sorted(results, key=lambda r: r["part"])],
+        "rows_in": sum(r["rows_in"] for r in results), "rows_out": 0 if errors else sum(r["rows_out"] for r in results),
+        "rows_skipped": dict(skipped), "rows_truncated": sum(r["truncated"] for r in results),
+        "note": note, "model": model_id, "run": run_id, "seconds": round(sum(r["seconds"] for r in results), 2),
+        "recorded_at": _now(),
+    }
+
+
+def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest) -> int:
+    """Refuse a foreign output prefix; delete files a killed run wrote but never recorded."""
+    present = storage.list_files(out, ".parquet") if storage.exists(out) else []
+    if present and not manifest.found:
         raise data_lib.DataError(
-            f"{files[0].path}: already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_) to name the new ones apart"
-        )
-    return schema
+            f"--output {cfg.output} holds Parquet files but no textlabel manifest (_manifest.json); "
+            "write labels to a prefix of their own")
+    vouched = manifest.outputs()
+    orphans = [f for f in present if f.path[len(out.path):].lstrip("/") not in vouched]
+    for f in orphans:
+        storage.delete(storage.Location(f.path, out.fs, f.path))
+    if orphans:
+        logger.info("deleted %d output file(s) an interrupted run wrote but never recorded", len(orphans))
+    return len(orphans)
 
 
-def count_rows(fs, paths: list[str]) -> int:
-    """Rows in Parquet files, from their footers (no data read)."""
-    total = 0
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
+def _check_model(cfg: LabelConfig, manifest: Manifest, model_id: str) -> None:
+    if cfg.relabel or cfg.keep_old_labels:
+        return
+    others = sorted({r["model"] for r in manifest.files.values() if r["status"] == "done" and r["model"] != model_id})
+    if others:
+        raise ConfigError([
+            f"--output {cfg.output} holds labels from another model ({others[0]}); this run's is {model_id}. "
+            "Pass --relabel to relabel every file with this model, --keep-old-labels to label only new files "
+            "with it, or write to a new --output"])
 
 
-def add_predictions(ds, cfg: LabelConfig):
-    """Tokenize (CPU tasks) then predict (actor pool) every row of a Ray Dataset, lazily."""
+def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Label every input file not yet labelled; returns the run's summary (also in OUTPUT/_summary.json).
+
+    Everything that needs no model (listing, the manifest, every file's footer) is done
+    before ``start_ray`` is called; a run with nothing to do never starts Ray.
+    Raises FilesFailed, after finishing everything else, when some file could not be labelled.
+    """
+    started, start = _now(), time.perf_counter()
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    src, out = storage.resolve(cfg.input), storage.resolve(cfg.output)
+    root = src.path if storage.info(src).type != storage.pafs.FileType.File else src.path.rsplit("/", 1)[0]
+    manifest = Manifest.load(out)
+    work = plan(cfg, src, root, manifest)
+    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
+        first = work.pending[0]["input"]  # most likely a wrong option, not bad files: nothing is recorded
+        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
+    model_lib.check_model_dir(cfg.model)
+    model_id = model_lib.identity(cfg.model)
+    _check_model(cfg, manifest, model_id)
+    orphans = _prepare_output(cfg, out, manifest)
+    logger.info("%d input files: %d labelled before and unchanged, %d to label in %d parts (%d rows), %d failed checks%s",
+                len(work.files), work.unchanged, len(work.pending) - len(work.failed), len(work.parts),
+                sum(p["rows"] for p in work.parts), len(work.failed), " (--relabel)" if cfg.relabel else "")
+    by_input = {f["input"]: f for f in work.pending}
+    records: list[dict[str, Any]] = []
+
+    def commit(rec: dict[str, Any]) -> None:
+        old = manifest.files.get(rec["input"])
+        if rec["status"] == "failed":  # a file is all there or not there: remove any part that made it
+            for name in {p["output"] for p in work.parts if p["input"] == rec["input"]}:
+                storage.delete(out.join(*name.split("/")))
+        manifest.record(rec)
+        for name in set(old["outputs"] if old and old["status"] == "done" else []) - set(rec["outputs"]):
+            storage.delete(out.join(*name.split("/")))  # the file changed: its old outputs go once the new ones are in
+        records.append(rec)
+        if rec["status"] == "failed":
+            logger.error("FAILED %s: %s", rec["input"], rec["error"])
+
+    for name, reason in work.failed.items():
+        f = by_input[name]
+        commit({**_file_record(f, [], model_id, run_id, None), "status": "failed", "error": reason, "outputs": []})
+    if work.parts:
+        if start_ray:
+            start_ray()
+        _label_parts(cfg, work, src, out, model_id, run_id, commit, by_input)
+    manifest.fold()
+    summary = _summary(cfg, work, records, manifest, model_id, run_id, started, time.perf_counter() - start, orphans)
+    storage.write_json(out.join(SUMMARY), summary)
+    storage.write_json(out.join(RUNS, f"{run_id}.json"), summary)
+    logger.info("run %s: %d files labelled (%d rows, %.0f rows/s), %d unchanged, %d failed; %d rows skipped %s, %d truncated; "
+                "summary in %s", run_id, summary["files_labelled"], summary["rows_out"], summary["rows_per_second"],
+                summary["files_unchanged"], summary["files_failed"], summary["rows_skipped_total"],
+                summary["rows_skipped"] or "", summary["rows_truncated"], out.join(SUMMARY).url)
+    if summary["files_failed"]:
+        raise FilesFailed(f"{summary['files_failed']} input file(s) could not be labelled (see FAILED lines above and "
+                          f"{out.join(SUMMARY).url}); every other file is labelled. Fix or remove them and rerun: "
+                          "only they will be labelled")
+    return summary
+
+
+def _label_parts(cfg: LabelConfig, work: Plan, src: storage.Location, out: storage.Location, model_id: str,
+                 run_id: str, commit: Callable[[dict[str, Any]], None], by_input: dict[str, dict[str, Any]]) -> None:
+    """Stream the parts through the actor pool; record each file as soon as all its parts are back."""
+    import dataclasses
+
+    import ray
     from ray.data import ActorPoolStrategy
 
     lo, hi = cfg.pool_size()
-    ds = ds.map_batches(
-        tokenize_batch, batch_format="pyarrow", batch_size=16 * cfg.batch_size, num_cpus=0.5,
-        fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "max_length": cfg.max_length},
-    )
-    return ds.map_batches(
-        Predictor, batch_format="pyarrow", batch_size=16 * cfg.batch_size,
-        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu,
-                               "quantize": cfg.quantize, "prefix": cfg.label_prefix,
-                               "threads": cfg.threads_per_actor or max(1, round(cfg.cpus_per_actor)),
-                               "recheck_margin": cfg.recheck_margin},
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
+    hi = max(1, min(hi, len(work.parts)))
+    lo = min(lo, hi)
+    predict.check_cluster_fits(dataclasses.replace(cfg, num_actors=f"{lo},{hi}"), spare_cpus=0)
+    # Biggest parts first, so the night does not end waiting on one big file.
+    parts = sorted(work.parts, key=lambda p: -p["rows"])
+    ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+        PartLabeller, batch_size=1, batch_format="pyarrow",
+        fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "input_url": cfg.input, "output_url": cfg.output,
+                               "model_id": model_id},
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
     )
+    left = Counter(p["input"] for p in parts)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for row in ds.iter_rows():
+        results.setdefault(row["input"], []).append(row)
+        left[row["input"]] -= 1
+        if left[row["input"]] == 0:
+            commit(_file_record(by_input[row["input"]], results.pop(row["input"]), model_id, run_id,
+                                work.notes.get(row["input"])))
+    if results or any(left.values()):
+        raise RuntimeError(f"{sum(left.values())} part(s) never came back from the actor pool; rerun to finish them")
 
 
-def build_pipeline(cfg: LabelConfig, fs, files: list):
-    """The streaming pipeline from Parquet files, lazily: nothing runs until it is written."""
-    import ray
-
-    # Reading and tokenizing share what the predictors leave free: half a CPU each.
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=fs, ray_remote_args={"num_cpus": 0.5})
-    return add_predictions(ds, cfg)
-
-
-def check_output_empty(url: str) -> None:
-    """Labels go to a fresh prefix: appending to earlier output would duplicate rows."""
-    out = storage.resolve(url)
-    if storage.exists(out) and storage.list_files(out, ".parquet"):
-        raise data_lib.DataError(f"--output {url} already holds Parquet files; write each run to a new prefix (e.g. one per date)")
-
-
-def check_inputs(cfg: LabelConfig) -> list:
-    """Every check that needs no model: the input files, their text column, the output, the model's files."""
-    src = storage.resolve(cfg.input)
-    files = input_files(cfg.input)
-    check_input_schema(cfg, src.fs, files)
-    check_output_empty(cfg.output)
-    model_lib.check_model_dir(cfg.model)
-    return files
-
-
-def check_cluster_fits(cfg: LabelConfig) -> None:
-    """Predictors must leave a CPU for listing, reading and tokenizing, or the pipeline stalls."""
-    import ray
-
-    lo, hi = cfg.pool_size()
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus - hi * cfg.cpus_per_actor >= 1 or cfg.use_gpu:
-        return
-    if len([n for n in ray.nodes() if n["Alive"]]) > 1 or cpus == 0:
-        # A cluster with worker nodes (or an autoscaling one with none yet) may grow: warn only.
-        logger.warning("the predictor pool may take all %g CPUs the cluster has now; reading needs one more", cpus)
-        return
-    raise ConfigError([
-            f"{hi} predictor actors x --cpus-per-actor {cfg.cpus_per_actor} leave less than 1 of the cluster's "
-            f"{cpus:g} CPUs for reading and tokenizing; lower --num-actors or --cpus-per-actor"
-        ])
-
-
-def run_labelling(cfg: LabelConfig, files: list | None = None) -> dict[str, Any]:
-    """Label every row under ``cfg.input`` into ``cfg.output``; returns the summary.
-
-    ``files`` are check_inputs' result when the caller already ran it.
-    """
-    start = time.perf_counter()
-    src = storage.resolve(cfg.input)
-    files = files if files is not None else check_inputs(cfg)
-    check_cluster_fits(cfg)
-    rows_in = count_rows(src.fs, [f.path for f in files])
-    out = storage.resolve(cfg.output)
-    logger.info("labelling %d rows in %d files from %s with %s", rows_in, len(files), cfg.input, model_lib.describe(cfg.model))
-    build_pipeline(cfg, src.fs, files).write_parquet(out.path, filesystem=out.fs, max_rows_per_file=cfg.rows_per_file)
-    written = [f.path for f in storage.list_files(out, ".parquet")]
-    rows_out = count_rows(out.fs, written)
-    seconds = time.perf_counter() - start
-    summary = {
-        "input": cfg.input, "output": cfg.output, "model": model_lib.describe(cfg.model),
-        "files_in": len(files), "files_out": len(written), "rows_in": rows_in, "rows_out": rows_out,
-        "seconds": round(seconds, 2), "rows_per_second": round(rows_out / seconds, 1),
+def _summary(cfg: LabelConfig, work: Plan, records: list[dict[str, Any]], manifest: Manifest, model_id: str,
+             run_id: str, started: str, seconds: float, orphans: int) -> dict[str, Any]:
+    done = [r for r in records if r["status"] == "done"]
+    failed = [r for r in records if r["status"] == "failed"]
+    skipped: Counter = Counter()
+    for r in done:
+        skipped.update(r["rows_skipped"])
+    rows_out = sum(r["rows_out"] for r in done)
+    return {
+        "run": run_id, "started_at": started, "finished_at": _now(), "input": cfg.input, "output": cfg.output,
+        "model": model_id, "relabel": cfg.relabel,
+        "files_found": len(work.files), "files_unchanged": work.unchanged, "files_labelled": len(done),
+        "files_failed": len(failed), "failed": {r["input"]: r["error"] for r in failed},
+        "files_with_other_columns": {r["input"]: r["note"] for r in done if r["note"]},
+        "inputs_gone": work.gone, "orphans_deleted": orphans,
+        "rows_in": sum(r["rows_in"] for r in done), "rows_out": rows_out,
+        "rows_labelled": rows_out - sum(skipped.values()), "rows_skipped_total": sum(skipped.values()),
+        "rows_skipped": dict(skipped), "rows_truncated": sum(r["rows_truncated"] for r in done),
+        "output_files": sum(len(r["outputs"]) for r in manifest.files.values() if r["status"] == "done"),
+        "output_rows": sum(r["rows_out"] for r in manifest.files.values() if r["status"] == "done"),
+        "seconds": round(seconds, 2), "rows_per_second": round(rows_out / seconds, 1) if seconds else 0.0,
     }
-    storage.write_json(out.join("_summary.json"), summary)
-    if rows_out != rows_in:
-        raise RuntimeError(f"wrote {rows_out} rows for {rows_in} input rows; see the Ray Data log above")
-    logger.info("labelled %d rows from %d files in %.1f s (%.0f rows/s) into %s",
-                rows_out, len(files), seconds, summary["rows_per_second"], cfg.output)
-    return summary

