@@ -93,7 +93,9 @@ def main() -> None:
     (work / "corpus").mkdir()
     pq.write_table(make_rows(args.train_rows, 0).drop_columns(["id"]), work / "train.parquet")
     corpus = make_rows(args.label_rows, 1)
-    pq.write_table(corpus.drop_columns(["label"]), work / "corpus" / "part-0.parquet")
+    # Several files: the labelling job's unit of parallel work is a file (or a run of its row groups).
+    for i, start in enumerate(range(0, corpus.num_rows, -(-corpus.num_rows // 8))):
+        pq.write_table(corpus.drop_columns(["label"]).slice(start, -(-corpus.num_rows // 8)), work / "corpus" / f"part-{i}.parquet")
     model_dir = local_model_dir(args.model)
     lengths = [len(ids) for ids in load_tokenizer(model_dir)(corpus["text"].to_pylist(), truncation=True, max_length=128)["input_ids"]]
     tokens_per_row = sum(lengths) / len(lengths)

@@ -8,12 +8,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
-from conftest import easy_rows, put_parquet
+from conftest import corpus, easy_rows, put_parquet, read_output
 from textlabel import storage
 
 
@@ -55,19 +57,27 @@ def ray_head():
         env=env, check=True, capture_output=True, timeout=120,
     )
     try:
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": {**env, "RAY_AUTH_MODE": "token"}}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": {**env, "RAY_AUTH_MODE": "token"}, "temp_dir": temp_dir}
     finally:
         _stop_by_pid(temp_dir)
 
 
-def _submit(head: dict, repo_root, args: list[str]) -> str:
+def _status(head: dict, job_id: str) -> str:
+    status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
+                            env=head["env"], capture_output=True, text=True, timeout=60)
+    return status.stdout + status.stderr
+
+
+def _submit(head: dict, repo_root, args: list[str], wait: bool = True) -> str:
     job_id = f"textlabel-{uuid.uuid4().hex[:8]}"
     aws = {k: os.environ[k] for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"]}
     subprocess.run(
         ["ray", "job", "submit", "--address", head["address"], "--working-dir", str(repo_root), "--submission-id", job_id,
-         "--runtime-env-json", json.dumps({"env_vars": aws}), "--", "python", *args],
+         "--runtime-env-json", json.dumps({"env_vars": aws}), *([] if wait else ["--no-wait"]), "--", "python", *args],
         env=head["env"], cwd=repo_root, timeout=600, capture_output=True, text=True,
     )
+    if not wait:
+        return job_id
     status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
                             env=head["env"], capture_output=True, text=True, timeout=60)
     if f"Job '{job_id}' succeeded" not in status.stdout + status.stderr:
@@ -90,6 +100,100 @@ def test_train_then_label_submitted_as_ray_jobs(ray_head, repo_root, tiny_model,
                                   "--output", f"{s3_prefix}/labels", "--label-prefix", "pred_"])
     summary = storage.read_json(storage.resolve(f"{s3_prefix}/labels/_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == 200
+
+
+def _wait(what: str, check, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _head_processes(head: dict, name: str) -> list[psutil.Process]:
+    """Processes of this head (its raylet's and job supervisor's descendants) whose command line has ``name``."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(head["temp_dir"] in a for a in (p.info["cmdline"] or []))]
+    found = {}
+    for p in roots:
+        for c in p.children(recursive=True):
+            try:
+                if name in " ".join(c.cmdline()):
+                    found[c.pid] = c
+            except psutil.NoSuchProcess:
+                pass
+    return list(found.values())
+
+
+def _records(out: str) -> int:
+    """Files the manifest vouches for so far (per-file records not yet folded)."""
+    loc = storage.resolve(f"{out}/_manifest")
+    return len(storage.list_files(loc, ".json")) if storage.exists(loc) else 0
+
+
+def _label_args(model: str, prefix: str) -> list[str]:
+    return ["jobs/label.py", "--model", model, "--input", f"{prefix}/in/", "--output", f"{prefix}/out",
+            "--label-prefix", "pred_", "--max-length", "64", "--batch-size", "32"]
+
+
+def _assert_exactly_once(prefix: str, ids: list[int]) -> None:
+    got = read_output(f"{prefix}/out")["id"].to_pylist()
+    assert len(got) == len(set(got)) and sorted(got) == sorted(ids)
+
+
+def test_driver_killed_mid_run_then_rerun_labels_every_row_exactly_once(ray_head, repo_root, s3_prefix):
+    from textlabel.model import packaged_model_dir
+
+    files = 16
+    rows = corpus(f"{s3_prefix}/in", [150] * files)  # ~0.5 s a file for the packaged model on one CPU here
+    out = f"{s3_prefix}/out"
+    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix), wait=False)
+    _wait("the first file's record", lambda: _records(out) >= 1)
+    drivers = [p for p in _head_processes(ray_head, f"jobs/label.py --model {packaged_model_dir()} --input {s3_prefix}/in/")
+               if p.name().startswith("python")]  # not the `sh -c` the job supervisor runs it in
+    assert len(drivers) == 1
+    drivers[0].kill()  # SIGKILL: no cleanup code runs
+    # Ray stops the dead driver's actors; then look at what a reader of the output sees.
+    _wait("the killed job's actors to go", lambda: not _head_processes(ray_head, "PartLabeller"), timeout=60)
+    recorded = _records(out)
+    assert 1 <= recorded < files and not storage.exists(storage.resolve(f"{out}/_summary.json"))  # killed mid-run
+    loc = storage.resolve(out)
+    visible = storage.list_files(loc, ".parquet")
+    for f in visible:  # every visible file is whole: all of its input's rows
+        number = int(f.base_name.split("-")[1].split(".")[0])
+        assert pq.read_table(f.path, filesystem=loc.fs)["id"].to_pylist() == list(range(150 * number, 150 * (number + 1)))
+
+    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
+    summary = storage.read_json(storage.resolve(f"{out}/_summary.json"))
+    assert (summary["files_unchanged"], summary["files_labelled"]) == (recorded, files - recorded)
+    assert summary["orphans_deleted"] == len(visible) - recorded  # written but never recorded: redone, not trusted
+    _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
+    # Nothing partial or temporary is left, visible or hidden: the files, the manifest, the summaries.
+    names = sorted(f.path[len(loc.path) + 1:] for f in loc.fs.get_file_info(storage.pafs.FileSelector(loc.path, recursive=True))
+                   if f.type == storage.pafs.FileType.File)
+    assert [n for n in names if not n.startswith("_runs/")] == ["_manifest.json", "_summary.json",
+                                                               *sorted(f"part-{i}.parquet" for i in range(files))]
+
+
+def test_a_killed_predictor_actor_is_replaced_and_the_run_completes_exactly_once(ray_head, repo_root, s3_prefix):
+    from textlabel.model import packaged_model_dir
+
+    rows = corpus(f"{s3_prefix}/in", [150] * 10)
+    job = _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix), wait=False)
+    _wait("the first file's record", lambda: _records(f"{s3_prefix}/out") >= 1)
+    victims = _head_processes(ray_head, "PartLabeller")
+    assert len(victims) == 1  # the pool's one actor, part-way through the corpus ...
+    assert victims[0].cpu_percent(interval=0.3) > 30  # ... and busy labelling a part when it dies
+    victims[0].kill()
+    def ended() -> str | None:
+        status = _status(ray_head, job)
+        return status if any(w in status for w in ("succeeded", "failed", "stopped")) else None
+
+    status = _wait("the job to end", ended)
+    assert f"Job '{job}' succeeded" in status
+    summary = storage.read_json(storage.resolve(f"{s3_prefix}/out/_summary.json"))
+    assert (summary["files_labelled"], summary["files_failed"], summary["rows_out"]) == (10, 0, 1500)
+    _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
 
 
 def test_gpu_check_runs_reduced_on_cpu(repo_root, tmp_path):

@@ -12,10 +12,13 @@ import shutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import corpus, easy_rows, put_parquet, read_output
 from textlabel import storage
 from textlabel.cli import label_main
+
+pytestmark = pytest.mark.usefixtures("ray_session")  # the session's one local Ray, not one per job
 
 
 def _label(model: str, prefix: str, *extra) -> int:
@@ -187,11 +190,20 @@ def test_object_store_faults_are_retried_and_a_permanent_one_fails_only_its_file
     _assert_exactly_once(s3_prefix, ids)
 
 
-def test_local_output_leaves_no_temporary_files(tiny_model, tmp_path):
+def test_local_output_cleans_up_after_a_killed_run(tiny_model, tmp_path):
     prefix = str(tmp_path)
     (tmp_path / "in").mkdir()
     rows = corpus(f"{prefix}/in", [30, 20])
     assert _label(tiny_model, prefix) == 0
     _assert_exactly_once(prefix, rows["id"].to_pylist())
+    # What a run killed mid-write leaves on a local disk: a hidden temporary file, a file never recorded.
+    (tmp_path / "out" / ".part-1.parquet.x1y2.tmp").write_bytes(b"PAR1 half a file")
+    (tmp_path / "out" / "part-1.parquet").rename(tmp_path / "out" / "part-9.parquet")
+    assert _label(tiny_model, prefix) == 0
+    summary = _summary(prefix)
+    assert summary["orphans_deleted"] == 2 and summary["outputs_missing_relabelled"] == ["part-1.parquet"]
+    assert (summary["files_unchanged"], summary["files_labelled"]) == (1, 1)
+    _assert_exactly_once(prefix, rows["id"].to_pylist())
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert [n for n in names if not n.startswith("_runs/")] == ["_manifest.json", "_summary.json", "part-0.parquet", "part-1.parquet"]
+    assert [n for n in names if not n.startswith("_runs/")] == ["_manifest.json", "_summary.json", "part-0.parquet",
+                                                               "part-1.parquet"]

@@ -20,6 +20,7 @@ cannot be labelled (null, blank, non-text, invalid UTF-8) keep a null label and 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -74,6 +75,7 @@ class Plan:
     notes: dict[str, str] = field(default_factory=dict)  # input -> schema note (labelled anyway)
     unchanged: int = 0
     gone: list[str] = field(default_factory=list)  # recorded inputs no longer listed
+    lost: list[str] = field(default_factory=list)  # recorded inputs whose output files are missing: labelled again
 
 
 def _columns_note(schema: pa.Schema, reference: pa.Schema | None) -> str | None:
@@ -82,8 +84,8 @@ def _columns_note(schema: pa.Schema, reference: pa.Schema | None) -> str | None:
     extra = [n for n in schema.names if n not in reference.names]
     missing = [n for n in reference.names if n not in schema.names]
     if not extra and not missing:
-        return "columns in another order than the corpus's first file"
-    return "columns differ from the corpus's first file: " + "; ".join(
+        return "columns in another order than the run's first file"
+    return "columns differ from the run's first file: " + "; ".join(
         s for s in (f"extra {extra}" if extra else "", f"missing {missing}" if missing else "") if s)
 
 
@@ -93,8 +95,10 @@ def _inspect(cfg: LabelConfig, fs, f: dict[str, Any]) -> dict[str, Any]:
         with fs.open_input_file(f["path"]) as fh:
             meta = pq.ParquetFile(fh).metadata
         schema = meta.schema.to_arrow_schema()
-    except Exception as exc:  # corrupt, truncated, not Parquet, unreadable: this file fails, not the run
-        return {"error": f"unreadable Parquet: {type(exc).__name__}: {exc}"}
+    except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
+        return {"error": f"unreadable Parquet: {exc}"}
+    except Exception as exc:  # access denied, retries exhausted, ...: this file fails, not the run
+        return {"error": f"could not read it: {type(exc).__name__}: {exc}"}
     if cfg.text_column not in schema.names:
         return {"error": f"no column {cfg.text_column!r} (columns: {', '.join(schema.names)}); pass --text-column",
                 "schema": schema}
@@ -119,8 +123,11 @@ def _split(groups: list[int], most: int) -> list[list[int]]:
     return parts + ([current] if current else [])
 
 
-def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest) -> Plan:
-    """List the input versions, pick the files to label and cut them into parts."""
+def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest, present: set[str]) -> Plan:
+    """List the input versions, pick the files to label and cut them into parts.
+
+    ``present``: the output files that exist now (relative to --output).
+    """
     found = storage.list_versions(src, ".parquet")
     if not found:
         raise data_lib.DataError(f"--input {cfg.input}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
@@ -132,13 +139,18 @@ def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest)
     for f in found:
         rec = manifest.files.get(f["input"])
         if not cfg.relabel and rec and rec["status"] == "done" and rec["fingerprint"] == f["fingerprint"]:
-            result.unchanged += 1
-        else:
-            result.pending.append(f)
+            if set(rec["outputs"]) <= present:
+                result.unchanged += 1
+                continue
+            result.lost.append(f["input"])  # someone deleted its labels: make them again
+        result.pending.append(f)
     with ThreadPoolExecutor(16) as pool:
         facts = list(pool.map(lambda f: _inspect(cfg, src.fs, f), result.pending))
-    reference = next((x["schema"] for x in facts if "schema" in x), None)
-    names: dict[str, str] = {}  # output -> the input it belongs to
+    reference = next((x["schema"] for x in facts if "error" not in x), None)
+    pending = {f["input"] for f in result.pending}
+    # output -> the input it belongs to; outputs of files left as they are count too
+    names = {o: rec["input"] for rec in manifest.files.values() if rec["status"] == "done" and rec["input"] not in pending
+             for o in rec["outputs"]}
     for f, fact in zip(result.pending, facts):
         if "error" in fact:
             result.failed[f["input"]] = fact["error"]
@@ -248,15 +260,21 @@ def _file_record(f: dict[str, Any], results: list[dict[str, Any]], model_id: str
     }
 
 
-def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest) -> int:
+def _output_files(out: storage.Location) -> list:
+    return storage.list_files(out, ".parquet") if storage.exists(out) else []
+
+
+def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest, present: list) -> int:
     """Refuse a foreign output prefix; delete files a killed run wrote but never recorded."""
-    present = storage.list_files(out, ".parquet") if storage.exists(out) else []
     if present and not manifest.found:
         raise data_lib.DataError(
             f"--output {cfg.output} holds Parquet files but no textlabel manifest (_manifest.json); "
             "write labels to a prefix of their own")
     vouched = manifest.outputs()
     orphans = [f for f in present if f.path[len(out.path):].lstrip("/") not in vouched]
+    if storage.fsspec_of(out.fs) is None and storage.exists(out):  # a local disk: half-written temporary files
+        orphans += [f for f in out.fs.get_file_info(storage.pafs.FileSelector(out.path, recursive=True))
+                    if f.type == storage.pafs.FileType.File and f.base_name.startswith(".") and f.base_name.endswith(".tmp")]
     for f in orphans:
         storage.delete(storage.Location(f.path, out.fs, f.path))
     if orphans:
@@ -265,6 +283,10 @@ def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest)
 
 
 def _check_model(cfg: LabelConfig, manifest: Manifest, model_id: str) -> None:
+    if manifest.input and manifest.input.rstrip("/") != cfg.input.rstrip("/"):
+        raise ConfigError([f"--output {cfg.output} holds the labels of --input {manifest.input}, not {cfg.input}; "
+                           "give each corpus its own --output"])
+    manifest.input = cfg.input
     if cfg.relabel or cfg.keep_old_labels:
         return
     others = sorted({r["model"] for r in manifest.files.values() if r["status"] == "done" and r["model"] != model_id})
@@ -287,43 +309,71 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     src, out = storage.resolve(cfg.input), storage.resolve(cfg.output)
     root = src.path if storage.info(src).type != storage.pafs.FileType.File else src.path.rsplit("/", 1)[0]
     manifest = Manifest.load(out)
-    work = plan(cfg, src, root, manifest)
+    present = _output_files(out)
+    work = plan(cfg, src, root, manifest, {f.path[len(out.path):].lstrip("/") for f in present})
     if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
         first = work.pending[0]["input"]  # most likely a wrong option, not bad files: nothing is recorded
         raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
     model_lib.check_model_dir(cfg.model)
     model_id = model_lib.identity(cfg.model)
     _check_model(cfg, manifest, model_id)
-    orphans = _prepare_output(cfg, out, manifest)
+    orphans = _prepare_output(cfg, out, manifest, present)
+    if work.lost:
+        logger.warning("%d file(s) are recorded as labelled but their output is missing; labelling them again: %s",
+                       len(work.lost), ", ".join(work.lost[:5]))
+    if work.parts:
+        if start_ray:
+            start_ray()
+        predict.check_cluster_fits(dataclasses.replace(cfg, num_actors="%d,%d" % _pool(cfg, work)), spare_cpus=0)
+    if not manifest.found:
+        manifest.fold()  # claims the prefix before any output exists: a killed first night is resumed like any other
     logger.info("%d input files: %d labelled before and unchanged, %d to label in %d parts (%d rows), %d failed checks%s",
                 len(work.files), work.unchanged, len(work.pending) - len(work.failed), len(work.parts),
                 sum(p["rows"] for p in work.parts), len(work.failed), " (--relabel)" if cfg.relabel else "")
     by_input = {f["input"]: f for f in work.pending}
     records: list[dict[str, Any]] = []
+    # A file about to be labelled again stops being vouched for first: if the run dies while its
+    # parts are replaced, the next run labels it again instead of trusting a half-replaced output.
+    relabelled = [manifest.files[f["input"]] for f in work.pending
+                  if f["input"] not in work.failed and manifest.files.get(f["input"], {}).get("status") == "done"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda rec: manifest.record({**rec, "status": "labelling", "recorded_at": _now()}), relabelled))
+    old_outputs = {rec["input"]: set(rec["outputs"]) for rec in relabelled}
 
     def commit(rec: dict[str, Any]) -> None:
-        old = manifest.files.get(rec["input"])
-        if rec["status"] == "failed":  # a file is all there or not there: remove any part that made it
-            for name in {p["output"] for p in work.parts if p["input"] == rec["input"]}:
-                storage.delete(out.join(*name.split("/")))
         manifest.record(rec)
-        for name in set(old["outputs"] if old and old["status"] == "done" else []) - set(rec["outputs"]):
-            storage.delete(out.join(*name.split("/")))  # the file changed: its old outputs go once the new ones are in
+        stale = old_outputs.get(rec["input"], set()) - set(rec["outputs"])
+        if rec["status"] == "failed":  # a file is all there or not there: remove any part that made it
+            stale |= {p["output"] for p in work.parts if p["input"] == rec["input"]}
+        for name in stale:  # deleted only once the record no longer vouches for them
+            storage.delete(out.join(*name.split("/")))
         records.append(rec)
         if rec["status"] == "failed":
             logger.error("FAILED %s: %s", rec["input"], rec["error"])
 
-    for name, reason in work.failed.items():
-        f = by_input[name]
-        commit({**_file_record(f, [], model_id, run_id, None), "status": "failed", "error": reason, "outputs": []})
-    if work.parts:
-        if start_ray:
-            start_ray()
-        _label_parts(cfg, work, src, out, model_id, run_id, commit, by_input)
-    manifest.fold()
-    summary = _summary(cfg, work, records, manifest, model_id, run_id, started, time.perf_counter() - start, orphans)
-    storage.write_json(out.join(SUMMARY), summary)
-    storage.write_json(out.join(RUNS, f"{run_id}.json"), summary)
+    crashed = None
+    try:
+        for name, reason in work.failed.items():
+            f = by_input[name]
+            commit({**_file_record(f, [], model_id, run_id, None), "status": "failed", "error": reason, "outputs": []})
+        if work.parts:
+            _label_parts(cfg, work, model_id, lambda name, results: commit(
+                _file_record(by_input[name], results, model_id, run_id, work.notes.get(name))))
+    except BaseException as exc:
+        crashed = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        # Even a run that dies here leaves its summary, and the records of every file it finished.
+        try:
+            manifest.fold()
+            summary = _summary(cfg, work, records, manifest, model_id, run_id, started, time.perf_counter() - start, orphans)
+            summary["crashed"] = crashed
+            storage.write_json(out.join(SUMMARY), summary)
+            storage.write_json(out.join(RUNS, f"{run_id}.json"), summary)
+        except Exception:
+            if crashed is None:
+                raise
+            logger.exception("could not write the summary of a run that failed")
     logger.info("run %s: %d files labelled (%d rows, %.0f rows/s), %d unchanged, %d failed; %d rows skipped %s, %d truncated; "
                 "summary in %s", run_id, summary["files_labelled"], summary["rows_out"], summary["rows_per_second"],
                 summary["files_unchanged"], summary["files_failed"], summary["rows_skipped_total"],
@@ -335,18 +385,20 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     return summary
 
 
-def _label_parts(cfg: LabelConfig, work: Plan, src: storage.Location, out: storage.Location, model_id: str,
-                 run_id: str, commit: Callable[[dict[str, Any]], None], by_input: dict[str, dict[str, Any]]) -> None:
-    """Stream the parts through the actor pool; record each file as soon as all its parts are back."""
-    import dataclasses
+def _pool(cfg: LabelConfig, work: Plan) -> tuple[int, int]:
+    """The actor pool's (min, max): no more actors than parts."""
+    lo, hi = cfg.pool_size()
+    hi = max(1, min(hi, len(work.parts)))
+    return min(lo, hi), hi
 
+
+def _label_parts(cfg: LabelConfig, work: Plan, model_id: str,
+                 finish: Callable[[str, list[dict[str, Any]]], None]) -> None:
+    """Stream the parts through the actor pool; ``finish`` each file as soon as all its parts are back."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    lo, hi = cfg.pool_size()
-    hi = max(1, min(hi, len(work.parts)))
-    lo = min(lo, hi)
-    predict.check_cluster_fits(dataclasses.replace(cfg, num_actors=f"{lo},{hi}"), spare_cpus=0)
+    lo, hi = _pool(cfg, work)
     # Biggest parts first, so the night does not end waiting on one big file.
     parts = sorted(work.parts, key=lambda p: -p["rows"])
     ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
@@ -362,8 +414,7 @@ def _label_parts(cfg: LabelConfig, work: Plan, src: storage.Location, out: stora
         results.setdefault(row["input"], []).append(row)
         left[row["input"]] -= 1
         if left[row["input"]] == 0:
-            commit(_file_record(by_input[row["input"]], results.pop(row["input"]), model_id, run_id,
-                                work.notes.get(row["input"])))
+            finish(row["input"], results.pop(row["input"]))
     if results or any(left.values()):
         raise RuntimeError(f"{sum(left.values())} part(s) never came back from the actor pool; rerun to finish them")
 
@@ -382,7 +433,7 @@ def _summary(cfg: LabelConfig, work: Plan, records: list[dict[str, Any]], manife
         "files_found": len(work.files), "files_unchanged": work.unchanged, "files_labelled": len(done),
         "files_failed": len(failed), "failed": {r["input"]: r["error"] for r in failed},
         "files_with_other_columns": {r["input"]: r["note"] for r in done if r["note"]},
-        "inputs_gone": work.gone, "orphans_deleted": orphans,
+        "inputs_gone": work.gone, "outputs_missing_relabelled": work.lost, "orphans_deleted": orphans,
         "rows_in": sum(r["rows_in"] for r in done), "rows_out": rows_out,
         "rows_labelled": rows_out - sum(skipped.values()), "rows_skipped_total": sum(skipped.values()),
         "rows_skipped": dict(skipped), "rows_truncated": sum(r["rows_truncated"] for r in done),

@@ -42,6 +42,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     loose: list[str] = field(default_factory=list)  # per-file record paths not yet folded in
     found: bool = False
+    input: str | None = None  # the --input these records are about
 
     @classmethod
     def load(cls, out: storage.Location) -> "Manifest":
@@ -53,6 +54,7 @@ class Manifest:
             if doc.get("format") != FORMAT:
                 raise storage.StorageError(f"{folded.url}: manifest format {doc.get('format')!r}, this textlabel reads {FORMAT}")
             manifest.files = doc["files"]
+            manifest.input = doc.get("input")
             manifest.found = True
         records = out.join(RECORDS)
         if storage.exists(records):
@@ -76,7 +78,9 @@ class Manifest:
 
     def fold(self) -> None:
         """Fold every record into ``_manifest.json``, then delete the per-file records it now holds."""
-        storage.write_json(self.out.join(FOLDED), {"format": FORMAT, "files": dict(sorted(self.files.items()))})
+        storage.write_json(self.out.join(FOLDED), {"format": FORMAT, "input": self.input,
+                                                   "files": dict(sorted(self.files.items()))})
+        self.found = True
         records = self.out.join(RECORDS)
         done = [f.path for f in storage.list_files(records, ".json")] if storage.exists(records) else []
         with ThreadPoolExecutor(16) as pool:

@@ -53,6 +53,13 @@ def identity(model: str | None) -> str:
         return model  # a hub id
     loc = storage.resolve(model)
     weights = [f for f in storage.list_versions(loc, ".safetensors") if "/" not in f["path"][len(loc.path):].strip("/")]
+    if not storage.is_remote(model):  # a content hash: a copied or redeployed model is the same model
+        for f in weights:
+            digest = hashlib.sha256()
+            with open(f["path"], "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+            f["fingerprint"] = "sha256:" + digest.hexdigest()[:16]
     return f"{model} [" + ", ".join(f"{f['path'].rsplit('/', 1)[-1]} {f['fingerprint']}" for f in weights) + "]"
 
 

@@ -27,8 +27,9 @@ SKIP_REASONS = {
     "not_text": "the text column holds non-text values (numbers, lists, ...)",
     "invalid_utf8": "the text is bytes that are not valid UTF-8",
 }
-# Text beyond this many characters per allowed token cannot change the first max_length tokens
-# (a word piece covers at least one character); cutting it keeps a 10 MB row from stalling a batch.
+# Texts are cut at this many characters per allowed token before tokenizing, so a 10 MB row
+# cannot stall a batch. Ordinary text averages 4-5 characters a token, so the cut never moves
+# the first max_length tokens; a cut row is flagged truncated (it was, by any reading).
 CHARS_PER_TOKEN_CAP = 64
 
 
