@@ -58,12 +58,14 @@ def main() -> None:
         os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each run starts its own local Ray
 
+        corpus = storage.resolve("s3://bench/corpus")  # one S3 client for all the uploads
+
         def put(i: int) -> None:
             table = pa.table({"id": range(i * args.rows_per_file, (i + 1) * args.rows_per_file),
                               "text": [f"row {j} of file {i}: a fine film" for j in range(args.rows_per_file)]})
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
-            storage.write_bytes(storage.resolve(f"s3://bench/corpus/day-{i // 100:03d}/part-{i:05d}.parquet"), sink.getvalue())
+            storage.write_bytes(corpus.join(f"day-{i // 100:03d}", f"part-{i:05d}.parquet"), sink.getvalue())
 
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(put, range(args.files)))

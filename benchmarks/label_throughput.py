@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-# One predictor actor holding 1 of the 2 CPUs (the other reads and tokenizes), 2 torch threads.
+# One predictor actor with 2 torch threads; it reads and tokenizes the next batch in a thread beside them.
 JOB_CONFIGS = ["--batch-size 64 --threads-per-actor 2", "--batch-size 64 --threads-per-actor 2 --quantize"]
 OUT = ROOT / "benchmarks" / "out"
 SAMPLE = ROOT / "src" / "textlabel" / "demo_data"

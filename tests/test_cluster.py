@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 
 import psutil
 import pyarrow.parquet as pq
@@ -205,3 +206,31 @@ def test_gpu_check_runs_reduced_on_cpu(repo_root, tmp_path):
     assert report["gpus"] == 0 and report["train"]["workers"] == 2
     assert report["train"]["samples_per_s"] > 0 and report["train"]["effective_tflops"] > 0
     assert report["label"]["rows"] == 2000 and report["label"]["rows_per_s"] > 0
+
+
+def test_driver_killed_while_relabelling_then_rerun_finishes_the_relabel(ray_head, repo_root, s3_prefix):
+    from textlabel.manifest import Manifest
+    from textlabel.model import packaged_model_dir
+
+    files = 12
+    rows = corpus(f"{s3_prefix}/in", [150] * files)
+    out = storage.resolve(f"{s3_prefix}/out")
+    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
+
+    def statuses() -> Counter:
+        return Counter(rec["status"] for rec in Manifest.load(out).files.values())
+
+    _submit(ray_head, repo_root, [*_label_args(packaged_model_dir(), s3_prefix), "--relabel"], wait=False)
+    # Every file is marked `labelling` before its parts are replaced; wait until some are done again.
+    _wait("part of the relabel", lambda: statuses()["labelling"] and statuses()["done"])
+    driver = [p for p in _head_processes(ray_head, f"--input {s3_prefix}/in/ ") if p.name().startswith("python")]
+    driver[0].kill()
+    _wait("the killed job's actors to go", lambda: not _head_processes(ray_head, "PartLabeller"), timeout=60)
+    after_kill = statuses()
+    assert after_kill["labelling"] >= 1 and after_kill["done"] >= 1 and sum(after_kill.values()) == files
+    # The same nightly command, without --relabel: the files caught half-replaced are labelled again.
+    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
+    summary = storage.read_json(out.join("_summary.json"))
+    assert (summary["files_labelled"], summary["files_unchanged"]) == (after_kill["labelling"], after_kill["done"])
+    assert statuses() == Counter({"done": files})
+    _assert_exactly_once(s3_prefix, rows["id"].to_pylist())

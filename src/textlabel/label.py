@@ -275,8 +275,7 @@ def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest,
     if storage.fsspec_of(out.fs) is None and storage.exists(out):  # a local disk: half-written temporary files
         orphans += [f for f in out.fs.get_file_info(storage.pafs.FileSelector(out.path, recursive=True))
                     if f.type == storage.pafs.FileType.File and f.base_name.startswith(".") and f.base_name.endswith(".tmp")]
-    for f in orphans:
-        storage.delete(storage.Location(f.path, out.fs, f.path))
+    storage.delete_many(out.fs, [f.path for f in orphans])
     if orphans:
         logger.info("deleted %d output file(s) an interrupted run wrote but never recorded", len(orphans))
     return len(orphans)

@@ -83,6 +83,5 @@ class Manifest:
         self.found = True
         records = self.out.join(RECORDS)
         done = [f.path for f in storage.list_files(records, ".json")] if storage.exists(records) else []
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda p: storage.delete(storage.Location(p, self.out.fs, p)), done))
+        storage.delete_many(self.out.fs, done)
         self.loose = []

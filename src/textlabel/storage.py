@@ -162,6 +162,16 @@ def delete(loc: Location, missing_ok: bool = True) -> None:
             raise
 
 
+def delete_many(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """Delete files; on S3 in batches of 1,000 per request (DeleteObjects)."""
+    remote = fsspec_of(fs)
+    if remote is not None and paths:
+        remote.rm(list(paths))
+        return
+    for path in paths:
+        delete(Location(path, fs, path))
+
+
 def fingerprint(f: dict[str, Any]) -> str:
     """A file version's identity: its S3 ETag, else its size and modification time."""
     etag = f.get("ETag") or f.get("etag")
