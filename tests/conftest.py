@@ -35,6 +35,27 @@ def easy_rows(n: int, seed: int = 0) -> pa.Table:
     return pa.table({"text": texts, "label": labels})
 
 
+TOPICS = {"acting": ["actor", "actress", "performance"], "music": ["music", "score", "song"],
+          "visuals": ["camera", "colour", "scenery"]}
+
+
+def two_task_rows(n: int, seed: int = 0, missing: float = 0.0) -> pa.Table:
+    """Rows with two label sets: sentiment (a polar word) and topic (a topic word); a ``missing`` share
+    of each task's labels is null, as rows from mixed sources have."""
+    rng = random.Random(seed)
+    base = easy_rows(n, seed)
+    texts, topics = [], []
+    for text in base["text"].to_pylist():
+        topic = rng.choice(sorted(TOPICS))
+        words = text.split()
+        words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[topic]))
+        texts.append(" ".join(words))
+        topics.append(topic)
+    sentiment = [None if rng.random() < missing else s for s in base["label"].to_pylist()]
+    topics = [None if rng.random() < missing else t for t in topics]
+    return pa.table({"text": texts, "sentiment": pa.array(sentiment, pa.string()), "topic": pa.array(topics, pa.string())})
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """The S3 server, behind a fault-injecting proxy that passes everything until a test sets its fail_rate."""

@@ -77,3 +77,24 @@ def test_console_script_runs_each_job(command):
 def test_every_shipped_config_loads(repo_root, name, cls):
     cfg = parse_config(cls, ["--config", str(repo_root / "jobs/configs" / name)], "t", "t")
     assert cfg.use_gpu
+
+
+def test_tasks_from_repeated_label_columns_or_weighted_yaml(tmp_path):
+    base = ["--data", "d.parquet", "--output", "o"]
+    assert parse(base).task_list() == [("label", 1.0)]
+    assert parse(base + ["--label-column", "coarse", "--label-column", "fine"]).task_list() == [("coarse", 1.0), ("fine", 1.0)]
+    assert parse(base + ["--tasks", "coarse=0.5", "--tasks", "fine"]).task_list() == [("coarse", 0.5), ("fine", 1.0)]
+    cfg_file = tmp_path / "mt.yaml"
+    cfg_file.write_text("data: d.parquet\noutput: o\ntasks:\n  - {column: coarse, weight: 0.3}\n  - {column: fine}\n")
+    assert parse(["--config", str(cfg_file)]).task_list() == [("coarse", 0.3), ("fine", 1.0)]
+    cfg_file.write_text("data: d.parquet\noutput: o\nlabel_column: sentiment\n")  # one column, as before
+    assert parse(["--config", str(cfg_file)]).task_list() == [("sentiment", 1.0)]
+    with pytest.raises(ConfigError) as err:
+        parse(base + ["--label-column", "a", "--tasks", "b=1"])
+    assert "either --label-column or --tasks" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse(base + ["--tasks", "a=-1", "--tasks", "a=x"])
+    assert "expected COLUMN=WEIGHT" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        parse(base + ["--label-column", "a", "--label-column", "a"])
+    assert "given twice" in str(err.value)

@@ -171,19 +171,19 @@ def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_mod
 
 
 def test_object_store_faults_are_retried_and_a_permanent_one_fails_only_its_file(tiny_model, s3_prefix, s3_faults):
-    rows = corpus(f"{s3_prefix}/in", [120] * 8)
+    rows = corpus(f"{s3_prefix}/in", [100] * 12)
     s3_faults.deny = {f"{s3_prefix[5:]}/in/part-5.parquet"}  # access denied on one object, every time
-    s3_faults.fail_rate = 0.2  # and one request in five fails: 500, 503, reset, or reset after taking effect
+    s3_faults.fail_rate = 0.25  # and one request in four fails: 500, 503, reset, or reset after taking effect
     before = dict(s3_faults.faults)
     try:
         assert _label(tiny_model, s3_prefix, "--num-actors", 2) == 3
     finally:
         s3_faults.deny, s3_faults.fail_rate = set(), 0.0
     injected = {k: s3_faults.faults[k] - before.get(k, 0) for k in ("500", "503", "reset", "reset_after")}
-    assert sum(injected.values()) >= 10 and all(injected.values()), injected
+    assert sum(injected.values()) >= 12 and all(injected.values()), injected  # ~30 expected
     assert list(_summary(s3_prefix)["failed"]) == ["part-5.parquet"]
     ids = rows["id"].to_pylist()
-    _assert_exactly_once(s3_prefix, ids[:600] + ids[720:])
+    _assert_exactly_once(s3_prefix, ids[:500] + ids[600:])
     # The store recovers: the next run labels only that file.
     assert _label(tiny_model, s3_prefix) == 0
     assert _summary(s3_prefix)["files_labelled"] == 1

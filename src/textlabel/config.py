@@ -40,7 +40,8 @@ class TrainConfig:
     validation_data: str | None = _opt(None, "Validation rows (same formats as --data). Without it, a seeded stratified --val-fraction of --data is held out.")
     model: str | None = _opt(None, "Base model: a Hugging Face hub id, a local directory or an s3:// directory. Default: the packaged all-MiniLM-L6-v2.")
     text_column: str = _opt("text", "Column holding the text.")
-    label_column: str = _opt("label", "Column holding the label (strings or integers).")
+    label_column: list[str] | None = _opt(None, "Column holding the label (strings or integers); default label. Repeat it to train one model for several label sets on the same rows (--label-column coarse --label-column fine): a shared encoder, one head per task, a row's null labels masked out of the loss.")
+    tasks: list[str] | None = _opt(None, "Tasks with loss weights, instead of --label-column: COLUMN=WEIGHT, repeatable (YAML: a list of {column: ..., weight: ...}); the loss is the weighted sum of the tasks' losses. Default weight 1.0.")
     val_fraction: float = _opt(0.2, "Share of --data held out for validation when --validation-data is not given.")
     num_workers: int = _opt(2, "Ray Train workers (one GPU each with --use-gpu).")
     use_gpu: bool = _opt(False, "Train on GPUs (one per worker), with bf16 autocast.")
@@ -65,10 +66,40 @@ class TrainConfig:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_failures < -1:
             problems.append("--max-failures must be -1 (unlimited) or >= 0")
-        if self.text_column == self.label_column:
-            problems.append(f"--text-column and --label-column are both {self.text_column!r}: name two different columns")
+        try:
+            tasks = self.task_list()
+            columns = [c for c, _ in tasks]
+            if self.text_column in columns:
+                problems.append(f"--text-column and a label column are both {self.text_column!r}: name different columns")
+            if len(set(columns)) < len(columns):
+                problems.append(f"a label column is given twice: {columns}")
+            if any(w <= 0 for _, w in tasks):
+                problems.append(f"task weights must be > 0, got {tasks}")
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ConfigError(problems)
+
+    def task_list(self) -> list[tuple[str, float]]:
+        """(label column, loss weight) per task, from --tasks or --label-column."""
+        if self.tasks and self.label_column:
+            raise ValueError("give either --label-column or --tasks, not both")
+        if not self.tasks:
+            return [(c, 1.0) for c in (self.label_column or ["label"])]
+        tasks = []
+        for t in self.tasks:
+            if isinstance(t, dict):
+                column, weight = t.get("column"), t.get("weight", 1.0)
+            else:
+                column, _, weight = str(t).partition("=")
+                weight = weight or 1.0
+            try:
+                tasks.append((str(column), float(weight)))
+            except (TypeError, ValueError):
+                raise ValueError(f"--tasks {t!r}: expected COLUMN=WEIGHT (a number)") from None
+            if not column:
+                raise ValueError(f"--tasks {t!r}: no column")
+        return tasks
 
 
 @dataclass
@@ -211,8 +242,10 @@ def _coerce(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str
             continue
         tp = types_[name]
         try:
-            if value is None or tp in (list, dict):
+            if value is None or tp is dict:
                 out[name] = value
+            elif tp is list:
+                out[name] = value if isinstance(value, list) else [value]  # label_column: label
             elif tp is bool and not isinstance(value, bool):
                 raise TypeError
             else:

@@ -89,46 +89,63 @@ def _label_names(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 def read_labelled(url: str, text_column: str, label_column: str) -> LabelledRows:
     """Read text and label columns; drop (and count) rows with a null/blank text or null label."""
-    table = read_columns(url, [text_column, label_column])
+    return read_multilabelled(url, text_column, [label_column], names=["label"], no_label="null_label")
+
+
+def read_multilabelled(url: str, text_column: str, label_columns: list[str], names: list[str] | None = None,
+                       no_label: str = "no_label") -> LabelledRows:
+    """Text and one or more label columns (one per task, named ``names`` or as in the data); a row needs a
+    text and at least one label. Rows without are dropped and counted; a null label only masks that task."""
+    table = read_columns(url, [text_column, *label_columns])
     if table.num_rows == 0:
         raise DataError(f"{url}: no rows")
     if not (pa.types.is_string(table[text_column].type) or pa.types.is_large_string(table[text_column].type)):
         raise DataError(f"{url}: column {text_column!r} holds {table[text_column].type}, not text; pass the right --text-column")
-    text, label = table[text_column], table[label_column]
-    null_label = pc.is_null(label)
+    text = table[text_column]
     null_text = pc.is_null(text)
     blank_text = pc.and_(pc.invert(null_text), pc.equal(pc.utf8_trim_whitespace(text), ""))
-    keep = pc.invert(pc.or_(pc.or_(null_text, blank_text), null_label))
+    unlabelled = pc.is_null(table[label_columns[0]])
+    for c in label_columns[1:]:
+        unlabelled = pc.and_(unlabelled, pc.is_null(table[c]))
+    bad_text = pc.or_(null_text, blank_text)
     dropped = {
         "null_text": pc.sum(null_text).as_py() or 0,
         "blank_text": pc.sum(blank_text).as_py() or 0,
-        "null_label": pc.sum(pc.and_(null_label, pc.invert(pc.or_(null_text, blank_text)))).as_py() or 0,
+        no_label: pc.sum(pc.and_(unlabelled, pc.invert(bad_text))).as_py() or 0,
     }
-    clean = pa.table({"text": text, "label": _label_names(label)}).filter(keep)
+    clean = pa.table({"text": text, **{n: _label_names(table[c]) for n, c in zip(names or label_columns, label_columns)}})
+    clean = clean.filter(pc.invert(pc.or_(bad_text, unlabelled)))
     dropped = {k: v for k, v in dropped.items() if v}
     if dropped:
         logger.warning("%s: dropped %d of %d rows: %s", url, sum(dropped.values()), table.num_rows, dropped)
     if clean.num_rows == 0:
-        raise DataError(f"{url}: no usable rows: every row has a null or blank text or label ({dropped})")
+        raise DataError(f"{url}: no usable rows: every row has a null or blank text or no label ({dropped})")
     return LabelledRows(clean, dropped)
 
 
-def label_map(rows: LabelledRows, url: str) -> list[str]:
+def label_map(rows: LabelledRows, url: str, column: str = "label") -> list[str]:
     """The sorted, stable list of label names (numeric labels sort as numbers)."""
-    names = pc.unique(rows.table["label"]).to_pylist()
+    names = [n for n in pc.unique(rows.table[column]).to_pylist() if n is not None]
     if len(names) < 2:
-        raise DataError(f"{url}: only one class ({names[0]!r}); a classifier needs at least two. Check --label-column")
+        which = "" if column == "label" else f" in {column!r}"
+        raise DataError(f"{url}: only one class{which} ({names[0]!r}); a classifier needs at least two. Check --label-column"
+                        if names else f"{url}: no labels{which}; check --label-column")
     numeric = all(n.lstrip("-").isdigit() for n in names)
     return sorted(names, key=int) if numeric else sorted(names)
 
 
 def encode_labels(rows: LabelledRows, labels: list[str], url: str) -> pa.Table:
     """``text`` plus an int ``label_id`` column; unknown labels are an error naming them."""
-    ids = pc.index_in(rows.table["label"], value_set=pa.array(labels))
-    unknown = pc.unique(rows.table["label"].filter(pc.is_null(ids))).to_pylist()
+    return pa.table({"text": rows.table["text"], "label_id": label_ids(rows.table["label"], labels, url)})
+
+
+def label_ids(column: pa.ChunkedArray, labels: list[str], url: str) -> pa.Array:
+    """Label names to ids (a null label is -1: masked); unknown labels are an error naming them."""
+    ids = pc.index_in(column, value_set=pa.array(labels))
+    unknown = [u for u in pc.unique(column.filter(pc.is_null(ids))).to_pylist() if u is not None]
     if unknown:
         raise DataError(f"{url}: labels {unknown[:10]} do not occur in the training data (labels: {labels[:20]})")
-    return pa.table({"text": rows.table["text"], "label_id": pc.cast(ids, pa.int64())})
+    return pc.fill_null(pc.cast(ids, pa.int64()), -1)
 
 
 def to_dataset(table: pa.Table, blocks: int):
@@ -139,11 +156,16 @@ def to_dataset(table: pa.Table, blocks: int):
     return ray.data.from_arrow([table.slice(i, size) for i in range(0, table.num_rows, size)])
 
 
+def stratify_column(table: pa.Table) -> str:
+    """The first task's label ids: what a multi-task split keeps the shares of."""
+    return next(c for c in table.column_names if c.startswith("label_id:"))
+
+
 def stratified_split(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Seeded split keeping each class's share; classes too small to split stay in training."""
     from sklearn.model_selection import train_test_split
 
-    ids = table["label_id"].to_numpy()
+    ids = table["label_id" if "label_id" in table.column_names else stratify_column(table)].to_numpy() + 1  # -1: no label
     index = np.arange(table.num_rows)
     counts = np.bincount(ids)
     splittable = counts[ids] >= 2

@@ -23,7 +23,11 @@ def model_labels(model: str) -> list[str]:
     """The label names of a fine-tuned model, in id order, from its config.json."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_lib.local_model_dir(model), trust_remote_code=False)
+    model_dir = model_lib.local_model_dir(model)
+    if model_lib.is_multitask(model_dir):
+        raise model_lib.ModelError(f"--model {model}: a multi-task model; its per-task evaluation is the training run's "
+                                   "report/ (evaluate.py scores single-task models)")
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     return [config.id2label[i] for i in range(config.num_labels)]
 
 

@@ -57,6 +57,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _check_clashes(work: "Plan", added: list[str]) -> None:
+    """Files that already have a column the labels would add fail (their parts are dropped)."""
+    for f in work.pending:
+        clash = [c for c in added if c in f.get("columns", ())]
+        if clash and f["input"] not in work.failed:
+            work.failed[f["input"]] = f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)"
+    work.parts = [p for p in work.parts if p["input"] not in work.failed]
+
+
 def part_name(rel: str, part: int, parts: int) -> str:
     """The output file of one part: the input's own name, or NAME.part-00001.parquet when split."""
     if parts == 1:
@@ -102,9 +111,6 @@ def _inspect(cfg: LabelConfig, fs, f: dict[str, Any]) -> dict[str, Any]:
     if cfg.text_column not in schema.names:
         return {"error": f"no column {cfg.text_column!r} (columns: {', '.join(schema.names)}); pass --text-column",
                 "schema": schema}
-    clash = [cfg.label_prefix + c for c in OUTPUT_COLUMNS if cfg.label_prefix + c in schema.names]
-    if clash:
-        return {"error": f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)", "schema": schema}
     if meta.num_rows == 0:
         return {"error": "zero rows: nothing to label (an empty export upstream?)", "schema": schema}
     groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -155,6 +161,7 @@ def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest,
         if "error" in fact:
             result.failed[f["input"]] = fact["error"]
             continue
+        f["columns"] = fact["schema"].names
         note = _columns_note(fact["schema"], reference)
         if note:
             result.notes[f["input"]] = note
@@ -316,6 +323,11 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     model_lib.check_model_dir(cfg.model)
     model_id = model_lib.identity(cfg.model)
     _check_model(cfg, manifest, model_id)
+    added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
+    _check_clashes(work, added)
+    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
+        first = work.pending[0]["input"]
+        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
     orphans = _prepare_output(cfg, out, manifest, present)
     if work.lost:
         logger.warning("%d file(s) are recorded as labelled but their output is missing; labelling them again: %s",

@@ -97,24 +97,31 @@ class Scorer:
         torch.set_num_threads(threads)
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.net = model_lib.load_classifier(model_lib.local_model_dir(model)).to(self.device)
+        model_dir = model_lib.local_model_dir(model)
+        self.multitask = model_lib.is_multitask(model_dir)
+        load = model_lib.load_multitask if self.multitask else model_lib.load_classifier
+        self.net = load(model_dir).to(self.device)
         self.fast = self.net
         if quantize:
             # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
             from torch.ao.quantization import per_channel_dynamic_qconfig
 
             self.fast = torch.ao.quantization.quantize_dynamic(
-                model_lib.load_classifier(model_lib.local_model_dir(model)),
-                {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
+                load(model_dir), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
             )
         self.recheck_margin = recheck_margin if quantize else 0.0
-        config = self.net.config
-        self.labels = np.array([config.id2label[i] for i in range(config.num_labels)], dtype=object)
+        if self.multitask:  # one forward pass, every task's head
+            self.tasks = [t["name"] for t in self.net.tasks]
+            self.labels = [np.array(t["labels"], dtype=object) for t in self.net.tasks]
+        else:
+            config = self.net.config
+            self.tasks = [None]
+            self.labels = [np.array([config.id2label[i] for i in range(config.num_labels)], dtype=object)]
         self.pad_id = tokenizer_for(model).pad_token_id or 0
         self.batch_size = batch_size
         self.use_gpu = use_gpu
 
-    def _forward(self, net, rows: list[list[int]]) -> np.ndarray:
+    def _forward(self, net, rows: list[list[int]]) -> list[np.ndarray]:
         torch = self.torch
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
@@ -124,43 +131,66 @@ class Scorer:
             mask[i, : len(r)] = 1
         inputs = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_gpu):
-            logits = net(**inputs).logits.float()
-        return torch.softmax(logits, dim=-1).cpu().numpy()
+            out = net(**inputs)
+        logits = out if isinstance(out, list) else [out.logits]
+        return [torch.softmax(lg.float(), dim=-1).cpu().numpy() for lg in logits]
 
-    def _probabilities(self, rows: list[list[int]]) -> np.ndarray:
-        """int8 probabilities, with rows whose top-two margin is under recheck_margin redone in full precision."""
+    def _probabilities(self, rows: list[list[int]]) -> list[np.ndarray]:
+        """int8 probabilities per task, with rows whose top-two margin (in any task) is under
+        recheck_margin redone in full precision."""
         probs = self._forward(self.fast, rows)
-        if self.recheck_margin > 0 and probs.shape[1] > 1:
-            top2 = np.sort(probs, axis=1)[:, -2:]
-            unsure = np.flatnonzero(top2[:, 1] - top2[:, 0] < self.recheck_margin)
-            if len(unsure):
-                probs[unsure] = self._forward(self.net, [rows[i] for i in unsure])
+        if self.recheck_margin > 0:
+            unsure = np.zeros(len(rows), dtype=bool)
+            for p in probs:
+                if p.shape[1] > 1:
+                    top2 = np.sort(p, axis=1)[:, -2:]
+                    unsure |= top2[:, 1] - top2[:, 0] < self.recheck_margin
+            again = np.flatnonzero(unsure)
+            if len(again):
+                for p, q in zip(probs, self._forward(self.net, [rows[i] for i in again])):
+                    p[again] = q
         return probs
 
-    def predict(self, tokens: list[list[int] | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(label_id, score, labelled) per row; rows without tokens are not labelled."""
+    def predict(self, tokens: list[list[int] | None]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Per task, label_id and score per row; and which rows were labelled (rows without tokens are not)."""
         present = np.array([t is not None for t in tokens], dtype=bool)
         lengths = np.array([len(t) if t is not None else 0 for t in tokens])
         order = np.flatnonzero(present)[np.argsort(lengths[present], kind="stable")]
-        label_id = np.zeros(len(tokens), dtype=np.int64)
-        score = np.zeros(len(tokens), dtype=np.float32)
+        label_ids = [np.zeros(len(tokens), dtype=np.int64) for _ in self.tasks]
+        scores = [np.zeros(len(tokens), dtype=np.float32) for _ in self.tasks]
         with self.torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                probs = self._probabilities([tokens[i] for i in idx])
-                score[idx] = probs.max(axis=1)
-                label_id[idx] = probs.argmax(axis=1)
-        return label_id, score, present
+                for label_id, score, probs in zip(label_ids, scores, self._probabilities([tokens[i] for i in idx])):
+                    score[idx] = probs.max(axis=1)
+                    label_id[idx] = probs.argmax(axis=1)
+        return label_ids, scores, present
 
     def columns(self, tokens: list[list[int] | None], prefix: str = "") -> dict[str, pa.Array]:
-        """The label, label_id and score columns (null where a row has no tokens)."""
-        label_id, score, present = self.predict(tokens)
+        """label, label_id and score columns (<task>_label, ... per task of a multi-task model);
+        null where a row has no tokens."""
+        label_ids, scores, present = self.predict(tokens)
         missing = ~present
-        return {
-            prefix + "label": pa.array(self.labels[label_id], type=pa.string(), mask=missing),
-            prefix + "label_id": pa.array(label_id, mask=missing),
-            prefix + "score": pa.array(score, mask=missing),
-        }
+        out = {}
+        for task, labels, label_id, score in zip(self.tasks, self.labels, label_ids, scores):
+            name = prefix + (f"{task}_" if task else "")
+            out[name + "label"] = pa.array(labels[label_id], type=pa.string(), mask=missing)
+            out[name + "label_id"] = pa.array(label_id, mask=missing)
+            out[name + "score"] = pa.array(score, mask=missing)
+        return out
+
+
+def prediction_columns(model: str | None, prefix: str = "") -> list[str]:
+    """The columns a model's predictions add: label, label_id, score (per task for a multi-task model)."""
+    import json
+    import os
+
+    model_dir = model_lib.local_model_dir(model)
+    if not model_lib.is_multitask(model_dir):
+        return [prefix + c for c in ("label", "label_id", "score")]
+    with open(os.path.join(model_dir, model_lib.TASKS_FILE)) as f:
+        tasks = [t["name"] for t in json.load(f)["tasks"]]
+    return [f"{prefix}{t}_{c}" for t in tasks for c in ("label", "label_id", "score")]
 
 
 # The Ray Data path used by evaluation: a tokenize stage (CPU tasks), then a predictor actor pool.

@@ -43,20 +43,37 @@ class PreparedData:
 
     train: pa.Table
     validation: pa.Table
-    labels: list[str]
+    labels: list[str]  # the first task's (the only one's, for a single task)
     dropped: dict[str, dict[str, int]]
+    tasks: list[dict] = dataclasses.field(default_factory=list)  # name, labels, weight, column
+
+    @property
+    def multitask(self) -> bool:
+        return len(self.tasks) > 1
+
+
+def _read(cfg: TrainConfig, url: str, tasks: list[dict] | None = None) -> tuple[pa.Table, list[dict], dict[str, int]]:
+    """Encoded rows of one input and the tasks (label maps are made from the first input read)."""
+    spec = cfg.task_list()
+    if len(spec) == 1:
+        rows = data_lib.read_labelled(url, cfg.text_column, spec[0][0])
+        tasks = tasks or [{"name": spec[0][0], "labels": data_lib.label_map(rows, url), "weight": spec[0][1], "column": "label_id"}]
+        return data_lib.encode_labels(rows, tasks[0]["labels"], url), tasks, rows.dropped
+    rows = data_lib.read_multilabelled(url, cfg.text_column, [c for c, _ in spec])
+    tasks = tasks or [{"name": c, "labels": data_lib.label_map(rows, url, c), "weight": w, "column": f"label_id:{c}"}
+                      for c, w in spec]
+    table = pa.table({"text": rows.table["text"],
+                      **{t["column"]: data_lib.label_ids(rows.table[t["name"]], t["labels"], url) for t in tasks}})
+    return table, tasks, rows.dropped
 
 
 def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Read, clean, encode and split the rows; every input problem surfaces here."""
-    rows = data_lib.read_labelled(cfg.data, cfg.text_column, cfg.label_column)
-    labels = data_lib.label_map(rows, cfg.data)
-    table = data_lib.encode_labels(rows, labels, cfg.data)
-    dropped = {"data": rows.dropped}
+    table, tasks, dropped_rows = _read(cfg, cfg.data)
+    labels = tasks[0]["labels"]
+    dropped = {"data": dropped_rows}
     if cfg.validation_data:
-        val_rows = data_lib.read_labelled(cfg.validation_data, cfg.text_column, cfg.label_column)
-        validation = data_lib.encode_labels(val_rows, labels, cfg.validation_data)
-        dropped["validation_data"] = val_rows.dropped
+        validation, _, dropped["validation_data"] = _read(cfg, cfg.validation_data, tasks)
         train = table
     else:
         train, validation = data_lib.stratified_split(table, cfg.val_fraction, cfg.seed)
@@ -65,12 +82,12 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     if train.num_rows < cfg.num_workers:
         raise data_lib.DataError(f"{cfg.data}: {train.num_rows} training rows cannot feed {cfg.num_workers} workers")
     validation = validation.append_column("row_id", pa.array(range(validation.num_rows), pa.int64()))
-    return PreparedData(train, validation, labels, dropped)
+    return PreparedData(train, validation, labels, dropped, tasks)
 
 
 def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> None:
     """A rerun into the same output must be the same run; otherwise resuming would mix two."""
-    labels = prepared.labels
+    labels = [t["labels"] for t in prepared.tasks] if prepared.multitask else prepared.labels
     record = {"config": dataclasses.asdict(cfg), "labels": labels,
               "rows": [prepared.train.num_rows, prepared.validation.num_rows]}
     saved_loc = out.join("run_config.json")
@@ -94,7 +111,7 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: Prepared
 
 def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) -> TorchTrainer:
     settings = LoopSettings(
-        model=cfg.model, labels=prepared.labels, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        model=cfg.model, tasks=prepared.tasks, multitask=prepared.multitask, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
         steps_per_epoch=math.ceil(prepared.train.num_rows / (cfg.num_workers * cfg.batch_size)),
@@ -129,6 +146,8 @@ def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[di
 
 def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str, list], epochs: list[dict]) -> dict[str, Any]:
     """OUTPUT/report/: the fine-tuned model on the validation rows, beside a TF-IDF baseline on the same split."""
+    if prepared.multitask:
+        return _multitask_report(out, prepared, predictions, epochs)
     order = np.argsort(predictions["row_id"])
     y_pred = np.asarray(predictions["pred"])[order]
     y_true = prepared.validation["label_id"].to_numpy()
@@ -137,6 +156,37 @@ def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str
                               val_texts, y_true, prepared.labels)
     write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline)
     return baseline
+
+
+def _multitask_report(out: storage.Location, prepared: PreparedData, predictions: dict[str, Any],
+                      epochs: list[dict]) -> dict[str, Any]:
+    """OUTPUT/report/<task>/ for each task (its rows only) and OUTPUT/report/report.md comparing them."""
+    order = np.argsort(predictions["row_id"])
+    texts = np.array(prepared.validation["text"].to_pylist(), dtype=object)
+    train_texts = np.array(prepared.train["text"].to_pylist(), dtype=object)
+    baselines, lines = {}, ["# Evaluation report (multi-task)", "",
+                            "| task | classes | validation rows | accuracy | macro-F1 | TF-IDF accuracy | TF-IDF macro-F1 | weight |",
+                            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in prepared.tasks:
+        y_true = prepared.validation[t["column"]].to_numpy()
+        y_pred = np.asarray(predictions["pred"][t["name"]])[order]
+        valid = y_true >= 0
+        train_ids = prepared.train[t["column"]].to_numpy()
+        baseline = tfidf_baseline(list(train_texts[train_ids >= 0]), train_ids[train_ids >= 0], list(texts[valid]),
+                                  y_true[valid], t["labels"])
+        task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_loss"], "val_loss": e["val_tasks"][t["name"]]["loss"],
+                        "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
+                       for e in epochs]
+        metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
+                               task_epochs, baseline)
+        baselines[t["name"]] = baseline
+        lines.append(f"| [{t['name']}]({t['name']}/report.md) | {len(t['labels'])} | {int(valid.sum())} | {metrics['accuracy']:.4f} | "
+                     f"{metrics['macro_f1']:.4f} | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | {t['weight']} |")
+    final = epochs[-1]
+    lines += ["", f"Average over the tasks: accuracy {final['val_accuracy']:.4f}, macro-F1 {final['val_macro_f1']:.4f}. "
+              "Training loss (per-epoch curves in each task's report) is the weighted sum of the tasks' losses.", ""]
+    storage.write_bytes(out.join("report", "report.md"), "\n".join(lines).encode())
+    return baselines
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -159,6 +209,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     metrics = {
         "model": model_lib.describe(cfg.model),
         "labels": prepared.labels,
+        **({"tasks": [{k: t[k] for k in ("name", "labels", "weight")} for t in prepared.tasks]} if prepared.multitask else {}),
         "train_rows": prepared.train.num_rows,
         "validation_rows": prepared.validation.num_rows,
         "dropped_rows": prepared.dropped,

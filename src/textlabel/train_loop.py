@@ -36,7 +36,8 @@ class LoopSettings:
     """What every worker needs to know, decided once by the driver."""
 
     model: str | None
-    labels: list[str]
+    tasks: list[dict]  # name, labels (in id order), weight, column (of label ids; -1 = no label)
+    multitask: bool  # several tasks: shared encoder + one head each; one task: a plain HF classifier
     epochs: int
     batch_size: int
     learning_rate: float
@@ -67,10 +68,12 @@ def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         base = model_lib.local_model_dir(s.model)
-        torch.manual_seed(s.seed)  # the new head starts the same on every worker
-        return model_lib.load_for_training(base, s.labels), model_lib.load_tokenizer(base), None, {"epochs": [], "resumed_at_epochs": []}
+        torch.manual_seed(s.seed)  # the new heads start the same on every worker
+        net = (model_lib.load_multitask_for_training(base, _public(s.tasks)) if s.multitask
+               else model_lib.load_for_training(base, s.tasks[0]["labels"]))
+        return net, model_lib.load_tokenizer(base), None, {"epochs": [], "resumed_at_epochs": []}
     with checkpoint.as_directory() as directory:
-        net = model_lib.load_classifier(directory).train()
+        net = (model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)).train()
         tokenizer = model_lib.load_tokenizer(directory)
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True, map_location="cpu")
         with open(os.path.join(directory, HISTORY_FILE)) as f:
@@ -78,6 +81,30 @@ def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     history["resumed_at_epochs"].append(len(history["epochs"]))
     logger.info("resuming from the checkpoint after epoch %d", len(history["epochs"]))
     return net, tokenizer, state, history
+
+
+def _public(tasks: list[dict]) -> list[dict]:
+    """What a saved multi-task model records of each task."""
+    return [{"name": t["name"], "labels": t["labels"], "weight": t["weight"]} for t in tasks]
+
+
+def _logits(net, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """One logits tensor per task, from a multi-task model or a plain HF classifier."""
+    out = net(**inputs)
+    return out if isinstance(out, list) else [out.logits]
+
+
+def _task_losses(logits: list[torch.Tensor], golds: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean cross-entropy per task over the rows that have its label (-1 = none: masked out).
+
+    A task with no labelled row in the batch contributes 0 but stays in the graph, so DDP
+    sees a gradient for every head."""
+    losses = []
+    for lg, y in zip(logits, golds):
+        valid = y >= 0
+        ce = torch.nn.functional.cross_entropy(lg.float(), y.clamp(min=0), reduction="none")
+        losses.append((ce * valid).sum() / valid.sum().clamp(min=1))
+    return losses
 
 
 def _tokenize(tokenizer, texts: np.ndarray, max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -94,16 +121,18 @@ def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: i
         batch_size=s.batch_size, batch_format="numpy",
         local_shuffle_buffer_size=max(4 * s.batch_size, 1000), local_shuffle_seed=s.seed + epoch,
     ):
-        labels = torch.tensor(batch["label_id"], device=device)
+        golds = [torch.tensor(batch[t["column"]], device=device) for t in s.tasks]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
-            loss = net(**_tokenize(tokenizer, batch["text"], s.max_length, device), labels=labels).loss
+            logits = _logits(net, _tokenize(tokenizer, batch["text"], s.max_length, device))
+        # L = sum_i lambda_i * L_i (one task: plain cross-entropy, as Hugging Face computes it)
+        loss = sum(t["weight"] * task_loss for t, task_loss in zip(s.tasks, _task_losses(logits, golds)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), s.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.item() * len(labels)
-        rows += len(labels)
+        loss_sum += loss.item() * len(golds[0])
+        rows += len(golds[0])
     return loss_sum, rows
 
 
@@ -119,20 +148,22 @@ def _gather(obj: Any) -> list[Any]:
 def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> dict[str, np.ndarray]:
     """Predictions for this worker's share (row_id % world == rank) of the whole validation set."""
     net.eval()
-    ids, preds, golds, losses = [], [], [], []
+    found: dict[str, list[np.ndarray]] = {"row_id": []}
     for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=4 * s.batch_size, batch_format="numpy"):
         mine = batch["row_id"] % world == rank
         if not mine.any():
             continue
-        gold = torch.tensor(batch["label_id"][mine], device=device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
-            logits = net(**_tokenize(tokenizer, batch["text"][mine], s.max_length, device)).logits.float()
-        losses.append(torch.nn.functional.cross_entropy(logits, gold, reduction="none").cpu().numpy())
-        preds.append(logits.argmax(-1).cpu().numpy())
-        golds.append(gold.cpu().numpy())
-        ids.append(batch["row_id"][mine])
-    cat = lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dtype=dt)  # noqa: E731
-    return {"row_id": cat(ids, np.int64), "pred": cat(preds, np.int64), "gold": cat(golds, np.int64), "loss": cat(losses, np.float32)}
+            logits = _logits(net, _tokenize(tokenizer, batch["text"][mine], s.max_length, device))
+        for i, (t, lg) in enumerate(zip(s.tasks, logits)):
+            gold = torch.tensor(batch[t["column"]][mine], device=device)
+            loss = torch.nn.functional.cross_entropy(lg.float(), gold.clamp(min=0), reduction="none")
+            found.setdefault(f"pred{i}", []).append(lg.argmax(-1).cpu().numpy())
+            found.setdefault(f"gold{i}", []).append(gold.cpu().numpy())
+            found.setdefault(f"loss{i}", []).append(loss.float().cpu().numpy())
+        found["row_id"].append(batch["row_id"][mine])
+    keys = ["row_id", *(f"{k}{i}" for i in range(len(s.tasks)) for k in ("pred", "gold", "loss"))]
+    return {k: np.concatenate(found[k]) if found.get(k) else np.empty(0) for k in keys}
 
 
 def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> tuple[dict[str, Any], dict] | None:
@@ -142,13 +173,34 @@ def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) ->
         return None
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert len(np.unique(joined["row_id"])) == len(joined["row_id"]), "validation rows double-counted"
-    result = classification_metrics(joined["gold"], joined["pred"], s.labels)
-    metrics = {"val_loss": float(joined["loss"].mean()), "val_rows": int(len(joined["row_id"])), **{f"val_{k}": v for k, v in result.items()}}
-    return metrics, {"row_id": joined["row_id"].tolist(), "pred": joined["pred"].tolist()}
+    per_task = {}
+    for i, t in enumerate(s.tasks):
+        gold, pred, loss = joined[f"gold{i}"].astype(np.int64), joined[f"pred{i}"].astype(np.int64), joined[f"loss{i}"]
+        valid = gold >= 0  # rows without this task's label are not scored on it
+        result = classification_metrics(gold[valid], pred[valid], t["labels"])
+        per_task[t["name"]] = {"loss": float(loss[valid].mean()) if valid.any() else float("nan"), "rows": int(valid.sum()), **result}
+    predictions = {"row_id": joined["row_id"].astype(np.int64).tolist()}
+    if not s.multitask:
+        only = per_task[s.tasks[0]["name"]]
+        metrics = {"val_loss": only["loss"], "val_rows": int(len(joined["row_id"])),
+                   **{f"val_{k}": v for k, v in only.items() if k not in ("loss", "rows")}}
+        return metrics, {**predictions, "pred": joined["pred0"].astype(np.int64).tolist()}
+    metrics = {
+        # Averages over the tasks (macro): the headline figures; each task's are in val_tasks.
+        "val_loss": float(np.mean([m["loss"] for m in per_task.values()])), "val_rows": int(len(joined["row_id"])),
+        "val_accuracy": float(np.mean([m["accuracy"] for m in per_task.values()])),
+        "val_macro_f1": float(np.mean([m["macro_f1"] for m in per_task.values()])),
+        "val_tasks": per_task,
+    }
+    return metrics, {**predictions, "pred": {t["name"]: joined[f"pred{i}"].astype(np.int64).tolist() for i, t in enumerate(s.tasks)}}
 
 
 def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str) -> None:
-    model_lib.save(net.module if hasattr(net, "module") else net, tokenizer, directory)
+    bare = net.module if hasattr(net, "module") else net
+    if isinstance(bare, torch.nn.Module) and hasattr(bare, "heads"):
+        model_lib.save_multitask(bare, tokenizer, directory)
+    else:
+        model_lib.save(bare, tokenizer, directory)
     with open(os.path.join(directory, PREDICTIONS_FILE), "w") as f:
         json.dump(predictions, f)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, STATE_FILE))
@@ -194,9 +246,11 @@ def train_loop_per_worker(config: dict) -> None:
         }
         history["epochs"].append(metrics)
         logger.info(
-            "epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_macro_f1=%.4f (%.1f samples/s per worker)",
+            "epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_macro_f1=%.4f (%.1f samples/s per worker)%s",
             epoch + 1, s.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_accuracy"],
             metrics["val_macro_f1"], metrics["samples_per_second_per_worker"],
+            "".join(f"; {n}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f}"
+                    for n, m in metrics.get("val_tasks", {}).items()),
         )
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(net, tokenizer, optimizer, scheduler, history, predictions, tmp)

@@ -1,0 +1,86 @@
+"""Multi-task: one encoder, a head per task, trained on rows missing some labels, labelling every task."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import put_parquet, read_output, two_task_rows
+from textlabel import storage
+from textlabel.cli import label_main, train_main
+from textlabel.model import local_model_dir
+
+
+@pytest.fixture(scope="module")
+def two_task(ray_session, tiny_model):
+    prefix = "s3://tests/multitask"
+    rows = two_task_rows(1500, seed=11, missing=0.15)
+    put_parquet(f"{prefix}/data/part-0.parquet", rows)
+    args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", tiny_model, "--label-column", "sentiment",
+            "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 3e-3, "--batch-size", 16,
+            "--max-length", 32]
+    assert train_main([str(a) for a in args]) == 0
+    return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(storage.resolve(f"{prefix}/run/metrics.json"))}
+
+
+def test_two_tasks_train_together_with_missing_labels_masked(two_task):
+    metrics, rows = two_task["metrics"], two_task["rows"]
+    assert [t["name"] for t in metrics["tasks"]] == ["sentiment", "topic"]
+    assert metrics["tasks"][1]["labels"] == ["acting", "music", "visuals"]
+    both_missing = sum(s is None and t is None for s, t in zip(rows["sentiment"].to_pylist(), rows["topic"].to_pylist()))
+    assert metrics["dropped_rows"]["data"] == {"no_label": both_missing}  # only rows with no label at all
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    final = metrics["epochs"][-1]
+    tasks = final["val_tasks"]
+    # Each task is scored on its own labelled rows: fewer than the validation rows, since labels are missing.
+    assert all(0.7 * final["val_rows"] < tasks[t]["rows"] < final["val_rows"] for t in tasks)
+    assert tasks["sentiment"]["accuracy"] > 0.75 and tasks["topic"]["accuracy"] > 0.75  # chance: 0.5 and 0.33
+    assert final["val_accuracy"] == pytest.approx((tasks["sentiment"]["accuracy"] + tasks["topic"]["accuracy"]) / 2)
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    run = storage.resolve(f"{two_task['prefix']}/run")
+    for name in ["model/textlabel_tasks.json", "model/heads.safetensors", "model/model.safetensors", "report/report.md",
+                 "report/sentiment/confusion_matrix.png", "report/topic/report.md", "report/topic/training_curves.png"]:
+        assert storage.exists(run.join(*name.split("/"))), name
+    report = storage.read_bytes(run.join("report", "report.md")).decode()
+    assert "[sentiment](sentiment/report.md)" in report and "[topic](topic/report.md)" in report
+
+
+def test_a_multi_task_model_labels_every_task_in_one_pass(two_task, s3_prefix):
+    truth = two_task_rows(400, seed=12)
+    put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": list(range(400)), "text": truth["text"]}))
+    assert label_main(["--model", f"{two_task['prefix']}/run/model", "--input", f"{s3_prefix}/in/",
+                       "--output", f"{s3_prefix}/out", "--max-length", "32"]) == 0
+    out = read_output(f"{s3_prefix}/out").sort_by("id")
+    assert out["id"].to_pylist() == list(range(400))
+    assert out.column_names == ["id", "text", "sentiment_label", "sentiment_label_id", "sentiment_score",
+                                "topic_label", "topic_label_id", "topic_score", "truncated", "skip_reason"]
+    for task, labels in [("sentiment", ["negative", "positive"]), ("topic", ["acting", "music", "visuals"])]:
+        predicted = np.array(out[f"{task}_label"].to_pylist())
+        assert (np.array(labels)[out[f"{task}_label_id"].to_numpy()] == predicted).all()
+        assert np.mean(predicted == np.array(truth[task].to_pylist())) > 0.75
+
+
+def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_task):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from textlabel.predict import Scorer, tokenize
+
+    model_dir = local_model_dir(f"{two_task['prefix']}/run/model")
+    texts = two_task_rows(20, seed=13)["text"].to_pylist()
+    # The README's snippet, as a user would write it:
+    tasks = json.load(open(f"{model_dir}/textlabel_tasks.json"))["tasks"]
+    encoder, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    heads = load_file(f"{model_dir}/heads.safetensors")
+    with torch.no_grad():
+        out = encoder(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt"))
+        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        plain = {t["name"]: [t["labels"][i] for i in (pooled @ heads[f"{t['name']}.weight"].T + heads[f"{t['name']}.bias"]).argmax(-1)]
+                 for t in tasks}
+    ids, _ = tokenize(model_dir, texts, 32)
+    ours = Scorer(model_dir, batch_size=8, use_gpu=False, quantize=False).columns(ids)
+    assert plain == {"sentiment": ours["sentiment_label"].to_pylist(), "topic": ours["topic_label"].to_pylist()}
