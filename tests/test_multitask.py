@@ -15,12 +15,28 @@ from textlabel.model import local_model_dir
 
 
 @pytest.fixture(scope="module")
-def two_task(ray_session, tiny_model):
+def wider_tiny_model(tmp_path_factory) -> str:
+    """A 2-layer, 64-wide random BERT: the 32-wide one sometimes learns only one of two tasks in a few epochs."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from textlabel.model import packaged_model_dir
+
+    directory = tmp_path_factory.mktemp("tiny-bert-64")
+    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def two_task(ray_session, wider_tiny_model):
     prefix = "s3://tests/multitask"
     rows = two_task_rows(1500, seed=11, missing=0.15)
     put_parquet(f"{prefix}/data/part-0.parquet", rows)
-    args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", tiny_model, "--label-column", "sentiment",
-            "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 3e-3, "--batch-size", 16,
+    args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", wider_tiny_model, "--label-column", "sentiment",
+            "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
             "--max-length", 32]
     assert train_main([str(a) for a in args]) == 0
     return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(storage.resolve(f"{prefix}/run/metrics.json"))}
@@ -37,7 +53,7 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
     tasks = final["val_tasks"]
     # Each task is scored on its own labelled rows: fewer than the validation rows, since labels are missing.
     assert all(0.7 * final["val_rows"] < tasks[t]["rows"] < final["val_rows"] for t in tasks)
-    assert tasks["sentiment"]["accuracy"] > 0.75 and tasks["topic"]["accuracy"] > 0.75  # chance: 0.5 and 0.33
+    assert tasks["sentiment"]["accuracy"] > 0.9 and tasks["topic"]["accuracy"] > 0.9  # chance: 0.5 and 0.33
     assert final["val_accuracy"] == pytest.approx((tasks["sentiment"]["accuracy"] + tasks["topic"]["accuracy"]) / 2)
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     run = storage.resolve(f"{two_task['prefix']}/run")
@@ -60,7 +76,7 @@ def test_a_multi_task_model_labels_every_task_in_one_pass(two_task, s3_prefix):
     for task, labels in [("sentiment", ["negative", "positive"]), ("topic", ["acting", "music", "visuals"])]:
         predicted = np.array(out[f"{task}_label"].to_pylist())
         assert (np.array(labels)[out[f"{task}_label_id"].to_numpy()] == predicted).all()
-        assert np.mean(predicted == np.array(truth[task].to_pylist())) > 0.75
+        assert np.mean(predicted == np.array(truth[task].to_pylist())) > 0.9
 
 
 def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_task):
@@ -77,10 +93,26 @@ def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_ta
     encoder, tokenizer = AutoModel.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
     heads = load_file(f"{model_dir}/heads.safetensors")
     with torch.no_grad():
-        out = encoder(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt"))
+        out = encoder(**tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt"))
         pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
         plain = {t["name"]: [t["labels"][i] for i in (pooled @ heads[f"{t['name']}.weight"].T + heads[f"{t['name']}.bias"]).argmax(-1)]
                  for t in tasks}
-    ids, _ = tokenize(model_dir, texts, 32)
+    ids, _ = tokenize(model_dir, texts, 128)
     ours = Scorer(model_dir, batch_size=8, use_gpu=False, quantize=False).columns(ids)
     assert plain == {"sentiment": ours["sentiment_label"].to_pylist(), "topic": ours["topic_label"].to_pylist()}
+
+
+def test_a_missing_label_trains_nothing_and_an_empty_task_keeps_its_gradient():
+    import torch
+
+    from textlabel.train_loop import _task_losses
+
+    logits = [torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True),
+              torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)]
+    golds = [torch.tensor([0, 1, -1]), torch.tensor([-1, -1, -1])]
+    first, second = _task_losses(logits, golds)
+    expected = torch.nn.functional.cross_entropy(logits[0][:2], golds[0][:2])  # the masked row does not count
+    assert torch.isclose(first, expected) and second.item() == 0.0
+    (first + second).backward()
+    assert logits[0].grad[2].abs().sum() == 0  # no gradient from the row without a label
+    assert logits[1].grad is not None and logits[1].grad.abs().sum() == 0  # in the graph (DDP), contributing nothing

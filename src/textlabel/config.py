@@ -73,6 +73,9 @@ class TrainConfig:
                 problems.append(f"--text-column and a label column are both {self.text_column!r}: name different columns")
             if len(set(columns)) < len(columns):
                 problems.append(f"a label column is given twice: {columns}")
+            if len(columns) > 1 and any(c == "text" or "/" in c for c in columns):
+                problems.append(f"task label columns are also names of output columns and report folders: rename "
+                                f"{[c for c in columns if c == 'text' or '/' in c]} (no 'text', no '/')")
             if any(w <= 0 for _, w in tasks):
                 problems.append(f"task weights must be > 0, got {tasks}")
         except ValueError as exc:

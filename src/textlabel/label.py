@@ -323,8 +323,9 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     model_lib.check_model_dir(cfg.model)
     model_id = model_lib.identity(cfg.model)
     _check_model(cfg, manifest, model_id)
-    added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
-    _check_clashes(work, added)
+    if work.pending:
+        added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
+        _check_clashes(work, added)
     if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
         first = work.pending[0]["input"]
         raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -181,15 +182,17 @@ class Scorer:
 
 
 def prediction_columns(model: str | None, prefix: str = "") -> list[str]:
-    """The columns a model's predictions add: label, label_id, score (per task for a multi-task model)."""
-    import json
-    import os
+    """The columns a model's predictions add: label, label_id, score (per task for a multi-task model).
+    Reads only the model's task list (no weights are fetched)."""
+    from textlabel import storage
 
-    model_dir = model_lib.local_model_dir(model)
-    if not model_lib.is_multitask(model_dir):
+    tasks = None
+    if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
+        found = storage.resolve(model).join(model_lib.TASKS_FILE)
+        if storage.exists(found):
+            tasks = [t["name"] for t in storage.read_json(found)["tasks"]]
+    if not tasks:
         return [prefix + c for c in ("label", "label_id", "score")]
-    with open(os.path.join(model_dir, model_lib.TASKS_FILE)) as f:
-        tasks = [t["name"] for t in json.load(f)["tasks"]]
     return [f"{prefix}{t}_{c}" for t in tasks for c in ("label", "label_id", "score")]
 
 

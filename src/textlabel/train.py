@@ -81,20 +81,36 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     train = train.take(np.random.default_rng(cfg.seed).permutation(train.num_rows))
     if train.num_rows < cfg.num_workers:
         raise data_lib.DataError(f"{cfg.data}: {train.num_rows} training rows cannot feed {cfg.num_workers} workers")
+    for t in tasks if len(tasks) > 1 else []:
+        for name, part in (("training", train), ("validation", validation)):
+            if not (part[t["column"]].to_numpy() >= 0).any():
+                raise data_lib.DataError(f"task {t['name']!r} has no labelled {name} rows; every task needs some in both "
+                                         "(give more rows, a larger --val-fraction or other --validation-data)")
     validation = validation.append_column("row_id", pa.array(range(validation.num_rows), pa.int64()))
     return PreparedData(train, validation, labels, dropped, tasks)
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with its tasks in one form: --label-column x, the default and tasks: [x] are the same run."""
+    config = dict(config)
+    column, tasks = config.pop("label_column", None), config.pop("tasks", None)
+    if "task_list" not in config:
+        columns = [column] if isinstance(column, str) else column
+        config["task_list"] = [list(t) for t in TrainConfig(data="-", output="-", label_column=columns, tasks=tasks).task_list()]
+    return config
 
 
 def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> None:
     """A rerun into the same output must be the same run; otherwise resuming would mix two."""
     labels = [t["labels"] for t in prepared.tasks] if prepared.multitask else prepared.labels
-    record = {"config": dataclasses.asdict(cfg), "labels": labels,
+    record = {"config": _comparable(dataclasses.asdict(cfg)), "labels": labels,
               "rows": [prepared.train.num_rows, prepared.validation.num_rows]}
     saved_loc = out.join("run_config.json")
     if not storage.exists(out.join("checkpoints", "checkpoint_manager_snapshot.json")):
         storage.write_json(saved_loc, record)  # nothing to resume yet: these settings start it
         return
     saved = storage.read_json(saved_loc)
+    saved["config"] = _comparable(saved["config"])
     changed = sorted(
         k for k in record["config"]
         if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != record["config"][k]
@@ -174,7 +190,7 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
         train_ids = prepared.train[t["column"]].to_numpy()
         baseline = tfidf_baseline(list(train_texts[train_ids >= 0]), train_ids[train_ids >= 0], list(texts[valid]),
                                   y_true[valid], t["labels"])
-        task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_loss"], "val_loss": e["val_tasks"][t["name"]]["loss"],
+        task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_task_loss"][t["name"]], "val_loss": e["val_tasks"][t["name"]]["loss"],
                         "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
                        for e in epochs]
         metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
@@ -184,7 +200,7 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
                      f"{metrics['macro_f1']:.4f} | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | {t['weight']} |")
     final = epochs[-1]
     lines += ["", f"Average over the tasks: accuracy {final['val_accuracy']:.4f}, macro-F1 {final['val_macro_f1']:.4f}. "
-              "Training loss (per-epoch curves in each task's report) is the weighted sum of the tasks' losses.", ""]
+              "Training minimises the weighted sum of the tasks' losses; each task's report plots its own.", ""]
     storage.write_bytes(out.join("report", "report.md"), "\n".join(lines).encode())
     return baselines
 

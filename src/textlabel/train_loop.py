@@ -113,10 +113,11 @@ def _tokenize(tokenizer, texts: np.ndarray, max_length: int, device: torch.devic
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: int, device) -> tuple[float, int]:
+def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: int, device) -> tuple[float, int, list]:
     net.train()
     shard = ray.train.get_dataset_shard("train")
     loss_sum, rows = 0.0, 0
+    task_sums = [[0.0, 0] for _ in s.tasks]  # per task: loss x labelled rows, labelled rows
     for batch in shard.iter_batches(
         batch_size=s.batch_size, batch_format="numpy",
         local_shuffle_buffer_size=max(4 * s.batch_size, 1000), local_shuffle_seed=s.seed + epoch,
@@ -125,15 +126,20 @@ def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: i
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
             logits = _logits(net, _tokenize(tokenizer, batch["text"], s.max_length, device))
         # L = sum_i lambda_i * L_i (one task: plain cross-entropy, as Hugging Face computes it)
-        loss = sum(t["weight"] * task_loss for t, task_loss in zip(s.tasks, _task_losses(logits, golds)))
+        task_losses = _task_losses(logits, golds)
+        loss = sum(t["weight"] * task_loss for t, task_loss in zip(s.tasks, task_losses))
         loss.backward()
+        for acc, task_loss, y in zip(task_sums, task_losses, golds):
+            n = int((y >= 0).sum())
+            acc[0] += task_loss.item() * n
+            acc[1] += n
         torch.nn.utils.clip_grad_norm_(net.parameters(), s.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.item() * len(golds[0])
         rows += len(golds[0])
-    return loss_sum, rows
+    return loss_sum, rows, task_sums
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -227,9 +233,9 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
     for epoch in range(len(history["epochs"]), s.epochs):
         start = time.perf_counter()
-        loss_sum, rows = _train_epoch(net, tokenizer, optimizer, scheduler, s, epoch, device)
+        loss_sum, rows, task_sums = _train_epoch(net, tokenizer, optimizer, scheduler, s, epoch, device)
         seconds = time.perf_counter() - start
-        per_worker = _gather((loss_sum, rows, seconds))
+        per_worker = _gather((loss_sum, rows, seconds, task_sums))
         evaluated = _evaluate(net, tokenizer, s, rank, world, device)
         if evaluated is None:
             ray.train.report({"epoch": epoch + 1})
@@ -244,6 +250,10 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_second_per_worker": sum(p[1] / p[2] for p in per_worker) / len(per_worker),
             **metrics,
         }
+        if s.multitask:  # each task's own training loss (train_loss is their weighted sum)
+            metrics["train_task_loss"] = {
+                t["name"]: sum(p[3][i][0] for p in per_worker) / max(sum(p[3][i][1] for p in per_worker), 1)
+                for i, t in enumerate(s.tasks)}
         history["epochs"].append(metrics)
         logger.info(
             "epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_macro_f1=%.4f (%.1f samples/s per worker)%s",
