@@ -26,24 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' S3 proxy, here only counting requests
-
-
-def tiny_model(directory: Path) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from textlabel.model import packaged_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny BERT and S3 proxy (here only counting requests)
 
 
 def main() -> None:
     from faultproxy import FaultProxy
+    from tinybert import tiny_bert
     from textlabel import storage
     from textlabel.s3server import local_s3
 
@@ -53,7 +41,7 @@ def main() -> None:
     parser.add_argument("--json-out", help="also write the figures to this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="textlabel-noop-"))
-    model = tiny_model(work / "model")
+    model = tiny_bert(work / "model")
     with local_s3(buckets=("bench",)) as endpoint, FaultProxy(int(endpoint.rsplit(":", 1)[1])) as proxy:
         os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each run starts its own local Ray

@@ -17,17 +17,9 @@ from textlabel.model import local_model_dir
 @pytest.fixture(scope="module")
 def wider_tiny_model(tmp_path_factory) -> str:
     """A 2-layer, 64-wide random BERT: the 32-wide one sometimes learns only one of two tasks in a few epochs."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from tinybert import tiny_bert
 
-    from textlabel.model import packaged_model_dir
-
-    directory = tmp_path_factory.mktemp("tiny-bert-64")
-    tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert-64"), hidden=64, heads=4, intermediate=128)
 
 
 @pytest.fixture(scope="module")

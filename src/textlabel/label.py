@@ -57,6 +57,13 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _refuse_if_none_can_be_labelled(work: "Plan") -> None:
+    """Every file to label fails its checks: most likely a wrong option, not bad files; nothing is recorded."""
+    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
+        first = work.pending[0]["input"]
+        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
+
+
 def _check_clashes(work: "Plan", added: list[str]) -> None:
     """Files that already have a column the labels would add fail (their parts are dropped)."""
     for f in work.pending:
@@ -317,18 +324,14 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     manifest = Manifest.load(out)
     present = _output_files(out)
     work = plan(cfg, src, root, manifest, {f.path[len(out.path):].lstrip("/") for f in present})
-    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
-        first = work.pending[0]["input"]  # most likely a wrong option, not bad files: nothing is recorded
-        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
+    _refuse_if_none_can_be_labelled(work)
     model_lib.check_model_dir(cfg.model)
     model_id = model_lib.identity(cfg.model)
     _check_model(cfg, manifest, model_id)
     if work.pending:
         added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
         _check_clashes(work, added)
-    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
-        first = work.pending[0]["input"]
-        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
+        _refuse_if_none_can_be_labelled(work)
     orphans = _prepare_output(cfg, out, manifest, present)
     if work.lost:
         logger.warning("%d file(s) are recorded as labelled but their output is missing; labelling them again: %s",
@@ -346,11 +349,11 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     records: list[dict[str, Any]] = []
     # A file about to be labelled again stops being vouched for first: if the run dies while its
     # parts are replaced, the next run labels it again instead of trusting a half-replaced output.
-    relabelled = [manifest.files[f["input"]] for f in work.pending
-                  if f["input"] not in work.failed and manifest.files.get(f["input"], {}).get("status") == "done"]
+    replaced = [manifest.files[f["input"]] for f in work.pending if manifest.files.get(f["input"], {}).get("status") == "done"]
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda rec: manifest.record({**rec, "status": "labelling", "recorded_at": _now()}), relabelled))
-    old_outputs = {rec["input"]: set(rec["outputs"]) for rec in relabelled}
+        list(pool.map(lambda rec: manifest.record({**rec, "status": "labelling", "recorded_at": _now()}),
+                      [rec for rec in replaced if rec["input"] not in work.failed]))
+    old_outputs = {rec["input"]: set(rec["outputs"]) for rec in replaced}  # deleted once the new record is written
 
     def commit(rec: dict[str, Any]) -> None:
         manifest.record(rec)
