@@ -34,6 +34,20 @@ def record_key(input_rel: str) -> str:
     return hashlib.sha1(input_rel.encode()).hexdigest()[:24] + ".json"
 
 
+def _read_record(loc: storage.Location, attempts: int = 3) -> dict[str, Any] | None:
+    """One per-file record; None if it is gone (folded by a run meanwhile). A record replaced while
+    being read (S3 says it expired) is read again."""
+    for attempt in range(attempts):
+        try:
+            return json.loads(storage.read_bytes(loc))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+    return None
+
+
 @dataclass
 class Manifest:
     """Records by input path (relative to --input), as loaded from an output prefix."""
@@ -60,7 +74,7 @@ class Manifest:
         if storage.exists(records):
             paths = [f.path for f in storage.list_files(records, ".json")]
             with ThreadPoolExecutor(16) as pool:
-                loose = list(pool.map(lambda p: json.loads(storage.read_bytes(storage.Location(p, out.fs, p))), paths))
+                loose = [r for r in pool.map(lambda p: _read_record(storage.Location(p, out.fs, p)), paths) if r]
             for rec in sorted(loose, key=lambda r: r["recorded_at"]):
                 manifest.files[rec["input"]] = rec
             manifest.loose = paths
