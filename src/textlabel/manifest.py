@@ -54,7 +54,6 @@ class Manifest:
 
     out: storage.Location
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    loose: list[str] = field(default_factory=list)  # per-file record paths not yet folded in
     found: bool = False
     input: str | None = None  # the --input these records are about
 
@@ -77,7 +76,6 @@ class Manifest:
                 loose = [r for r in pool.map(lambda p: _read_record(storage.Location(p, out.fs, p)), paths) if r]
             for rec in sorted(loose, key=lambda r: r["recorded_at"]):
                 manifest.files[rec["input"]] = rec
-            manifest.loose = paths
             manifest.found = manifest.found or bool(paths)
         return manifest
 
@@ -98,4 +96,3 @@ class Manifest:
         records = self.out.join(RECORDS)
         done = [f.path for f in storage.list_files(records, ".json")] if storage.exists(records) else []
         storage.delete_many(self.out.fs, done)
-        self.loose = []
