@@ -2,8 +2,8 @@
 
 Every S3 request of the test session goes through it (AWS_ENDPOINT_URL_S3 names the
 proxy, so Ray workers use it too). It passes everything through until a test sets
-``fail_rate``; then that share of requests, chosen by a seeded random generator, gets
-one of the faults an object store really produces:
+``fail_rate``; then exactly that share of requests (every 1/rate-th, counted from when the
+rate was set) gets one of the faults an object store really produces, the kinds in turn:
 
 - ``500``: an InternalError answer (the request never reaches the server);
 - ``503``: a SlowDown answer (throttling);
@@ -12,16 +12,22 @@ one of the faults an object store really produces:
   reset instead of answering, so the client cannot know it succeeded.
 
 ``deny`` holds key fragments that always get 403 AccessDenied: a permanent fault.
+
+``hold(...)`` stops the Nth request that matches (a method and a key fragment) until the
+test releases it: a test waits for the hold, kills a process at exactly that point, then
+releases the request to go on (``then="forward"``: it takes effect after its sender died,
+as a request already on the wire does) or to vanish (``then="drop"``). ``delay`` adds
+that many seconds to every request (a far-away store).
 """
 
 from __future__ import annotations
 
 import http.client
-import random
 import socket
 import socketserver
 import struct
 import threading
+import time
 from collections import Counter
 
 FAULTS = ("500", "503", "reset", "reset_after")
@@ -32,16 +38,46 @@ _ERRORS = {
 }
 
 
+class Hold:
+    """A request held by the proxy: ``wait()`` until it arrives, then ``release()``."""
+
+    def __init__(self, method: str, fragment: str, nth: int, then: str, ranged: bool | None):
+        self.method, self.fragment, self.nth, self.then, self.ranged = method, fragment, nth, then, ranged
+        self.seen = 0
+        self.target: str | None = None
+        self.arrived = threading.Event()
+        self.released = threading.Event()
+
+    def matches(self, method: str, target: str, headers: dict[str, str]) -> bool:
+        if method != self.method or self.fragment not in target:
+            return False
+        return self.ranged is None or self.ranged == ("range" in headers)
+
+    def wait(self, timeout: float = 300) -> str:
+        """Block until the request is held; returns its target."""
+        if not self.arrived.wait(timeout):
+            raise TimeoutError(f"no {self.method} request for {self.fragment!r} (#{self.nth}) arrived in {timeout} s")
+        return self.target
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class FaultProxy:
     """``with FaultProxy(upstream_port) as proxy: proxy.url ...``; set ``proxy.fail_rate`` to inject faults."""
 
-    def __init__(self, upstream_port: int, seed: int = 0):
+    def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.fail_rate = 0.0
         self.deny: set[str] = set()
         self.faults: Counter = Counter()  # fault kind -> times injected
         self.requests = 0
-        self._rng = random.Random(seed)
+        self.by_method: Counter = Counter()
+        self.delay = 0.0
+        self.strip_conditions = False  # forward writes without If-Match/If-None-Match: a store that ignores them
+        self.holds: list[Hold] = []
+        self._counted = 0  # requests since fail_rate was last set
+        self._rate_seen = 0.0
         self._lock = threading.Lock()
         proxy = self
 
@@ -64,15 +100,38 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
+    def hold(self, method: str, fragment: str, nth: int = 1, then: str = "forward", ranged: bool | None = None) -> Hold:
+        """Hold the ``nth`` ``method`` request whose target contains ``fragment`` (``ranged``: only ranged
+        reads, or only whole ones) until released; ``then`` "forward" or "drop" it."""
+        found = Hold(method, fragment, nth, then, ranged)
+        with self._lock:
+            self.holds.append(found)
+        return found
+
+    def _held(self, method: str, target: str, headers: dict[str, str]) -> Hold | None:
+        with self._lock:
+            for h in self.holds:
+                if not h.arrived.is_set() and h.matches(method, target, headers):
+                    h.seen += 1
+                    if h.seen == h.nth:
+                        h.target = target
+                        return h
+        return None
+
     def _pick(self, target: str) -> str | None:
         if any(key in target for key in self.deny):
             return "403"
         with self._lock:
             self.requests += 1
-            if self.fail_rate and self._rng.random() < self.fail_rate:
-                kind = self._rng.choice(FAULTS)
-                self.faults[kind] += 1
-                return kind
+            if self.fail_rate != self._rate_seen:
+                self._rate_seen, self._counted = self.fail_rate, 0
+            if self.fail_rate:
+                self._counted += 1
+                due = int(self._counted * self.fail_rate) > int((self._counted - 1) * self.fail_rate)
+                if due:
+                    kind = FAULTS[sum(self.faults.values()) % len(FAULTS)]
+                    self.faults[kind] += 1
+                    return kind
         return None
 
     @staticmethod
@@ -105,6 +164,16 @@ class FaultProxy:
                         pass
                 else:
                     body = rfile.read(int(lower.get("content-length", 0) or 0))
+                self.by_method[method] += 1
+                if self.delay:
+                    time.sleep(self.delay)  # a far-away store, not a wait for some state
+                held = self._held(method, target, lower)
+                if held is not None:
+                    held.arrived.set()
+                    held.released.wait(600)
+                    if held.then == "drop":
+                        self._reset(conn)
+                        return
                 fault = self._pick(target)
                 if fault == "reset":
                     self._reset(conn)
@@ -116,7 +185,8 @@ class FaultProxy:
                     conn.sendall(f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
                                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + (b"" if method == "HEAD" else payload))
                     continue
-                forward = {k: v for k, v in headers if k.lower() not in ("expect", "transfer-encoding", "connection")}
+                dropped = ("expect", "transfer-encoding", "connection") + (("if-match", "if-none-match") if self.strip_conditions else ())
+                forward = {k: v for k, v in headers if k.lower() not in dropped}
                 forward["Content-Length"] = str(len(body))
                 upstream.request(method, target, body=body, headers=forward)
                 resp = upstream.getresponse()

@@ -13,10 +13,11 @@ import uuid
 from collections import Counter
 
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import corpus, easy_rows, put_parquet, read_output
+from conftest import corpus, easy_rows, put_parquet, read_output, resolve
 from textlabel import storage
 
 
@@ -95,11 +96,11 @@ def test_train_then_label_submitted_as_ray_jobs(ray_head, repo_root, tiny_model,
     _submit(ray_head, repo_root, ["jobs/train.py", "--data", f"{s3_prefix}/train/", "--output", f"{s3_prefix}/run",
                                   "--model", tiny_model, "--epochs", "3", "--learning-rate", "3e-3", "--batch-size", "16",
                                   "--max-length", "32"])
-    metrics = storage.read_json(storage.resolve(f"{s3_prefix}/run/metrics.json"))
+    metrics = storage.read_json(resolve(f"{s3_prefix}/run/metrics.json"))
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3] and metrics["epochs"][-1]["val_accuracy"] > 0.9
     _submit(ray_head, repo_root, ["jobs/label.py", "--model", f"{s3_prefix}/run/model", "--input", f"{s3_prefix}/corpus/",
                                   "--output", f"{s3_prefix}/labels", "--label-prefix", "pred_"])
-    summary = storage.read_json(storage.resolve(f"{s3_prefix}/labels/_summary.json"))
+    summary = storage.read_json(resolve(f"{s3_prefix}/labels/_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == 200
 
 
@@ -126,15 +127,16 @@ def _head_processes(head: dict, name: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _records(out: str) -> int:
-    """Files the manifest vouches for so far (per-file records not yet folded)."""
-    loc = storage.resolve(f"{out}/_manifest")
-    return len(storage.list_files(loc, ".json")) if storage.exists(loc) else 0
+def _statuses(out: str) -> Counter:
+    """The manifest's records by status, as a reader of the prefix sees them now."""
+    from textlabel.manifest import Manifest
+
+    return Counter(Manifest.load(resolve(out)).state["status"].cast(pa.string()).to_pylist())
 
 
-def _label_args(model: str, prefix: str) -> list[str]:
+def _label_args(model: str, prefix: str, *extra: str) -> list[str]:
     return ["jobs/label.py", "--model", model, "--input", f"{prefix}/in/", "--output", f"{prefix}/out",
-            "--label-prefix", "pred_", "--max-length", "64", "--batch-size", "32"]
+            "--label-prefix", "pred_", "--max-length", "64", "--batch-size", "32", *extra]
 
 
 def _assert_exactly_once(prefix: str, ids: list[int]) -> None:
@@ -142,58 +144,77 @@ def _assert_exactly_once(prefix: str, ids: list[int]) -> None:
     assert len(got) == len(set(got)) and sorted(got) == sorted(ids)
 
 
-def test_driver_killed_mid_run_then_rerun_labels_every_row_exactly_once(ray_head, repo_root, s3_prefix):
-    from textlabel.model import packaged_model_dir
-
-    files = 16
-    rows = corpus(f"{s3_prefix}/in", [150] * files)  # ~0.5 s a file for the packaged model on one CPU here
-    out = f"{s3_prefix}/out"
-    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix), wait=False)
-    _wait("the first file's record", lambda: _records(out) >= 1)
-    drivers = [p for p in _head_processes(ray_head, f"jobs/label.py --model {packaged_model_dir()} --input {s3_prefix}/in/")
-               if p.name().startswith("python")]  # not the `sh -c` the job supervisor runs it in
+def _kill_driver(head: dict, prefix: str) -> None:
+    """SIGKILL the driver of the job labelling ``prefix`` (not the `sh -c` the job supervisor runs it in), then
+    wait for Ray to stop its actors."""
+    drivers = [p for p in _head_processes(head, f"--input {prefix}/in/ ") if p.name().startswith("python")]
     assert len(drivers) == 1
     drivers[0].kill()  # SIGKILL: no cleanup code runs
-    # Ray stops the dead driver's actors; then look at what a reader of the output sees.
-    _wait("the killed job's actors to go", lambda: not _head_processes(ray_head, "PartLabeller"), timeout=60)
-    recorded = _records(out)
-    assert 1 <= recorded < files and not storage.exists(storage.resolve(f"{out}/_summary.json"))  # killed mid-run
-    loc = storage.resolve(out)
-    visible = storage.list_files(loc, ".parquet")
-    for f in visible:  # every visible file is whole: all of its input's rows
-        number = int(f.base_name.split("-")[1].split(".")[0])
-        assert pq.read_table(f.path, filesystem=loc.fs)["id"].to_pylist() == list(range(150 * number, 150 * (number + 1)))
+    _wait("the killed job's actors to go", lambda: not _head_processes(head, "PartLabeller"), timeout=60)
 
-    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
-    summary = storage.read_json(storage.resolve(f"{out}/_summary.json"))
-    assert (summary["files_unchanged"], summary["files_labelled"]) == (recorded, files - recorded)
-    assert summary["orphans_deleted"] == len(visible) - recorded  # written but never recorded: redone, not trusted
+
+def _whole_or_absent(prefix: str, files: int, rows: int) -> list:
+    """Every visible output file is whole: all of its input's rows."""
+    loc = resolve(f"{prefix}/out")
+    visible = storage.list_files(loc, ".parquet")
+    for f in visible:
+        number = int(f.base_name.split("-")[1].split(".")[0])
+        assert pq.read_table(f.path, filesystem=loc.fs)["id"].to_pylist() == list(range(rows * number, rows * (number + 1)))
+    return visible
+
+
+@pytest.mark.parametrize("phase, fragment, nth, then", [
+    ("a commit", "/out/_manifest/segment-", 2, "drop"),  # the second batch of records never lands
+    ("the compaction", "/out/_manifest/snapshot-", 2, "forward"),  # the new snapshot lands after the driver died
+])
+def test_driver_killed_at_a_commit_then_rerun_loses_and_duplicates_nothing(ray_head, repo_root, tiny_model, s3_endpoint,
+                                                                         s3_prefix, phase, fragment, nth, then):
+    files = 12
+    rows = corpus(f"{s3_prefix}/in", [50] * files)
+    held = s3_endpoint.hold("PUT", s3_prefix[5:] + fragment, nth=nth, then=then)
+    _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix, "--commit-every", "3"), wait=False)
+    held.wait()
+    _kill_driver(ray_head, s3_prefix)
+    held.release()
+    recorded = _statuses(f"{s3_prefix}/out")["done"]
+    assert not storage.exists(resolve(f"{s3_prefix}/out/_summary.json"))  # killed mid-run
+    visible = _whole_or_absent(s3_prefix, files, 50)
+    _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix))
+    summary = storage.read_json(resolve(f"{s3_prefix}/out/_summary.json"))
+    assert summary["lease_taken_over"].startswith("its driver process") and summary["outputs_swept"]
+    assert summary["files_unchanged"] == recorded
+    assert summary["files_adopted"] + summary["files_labelled"] == files - recorded
+    if phase == "a commit":  # the records of a lost batch: their complete outputs are adopted, not redone
+        assert recorded == 3 and summary["files_adopted"] >= 3
+    assert summary["orphans_deleted"] == len(visible) - recorded - summary["files_adopted"]
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
-    # Nothing partial or temporary is left, visible or hidden: the files, the manifest, the summaries.
+    loc = resolve(f"{s3_prefix}/out")
     names = sorted(f.path[len(loc.path) + 1:] for f in loc.fs.get_file_info(storage.pafs.FileSelector(loc.path, recursive=True))
                    if f.type == storage.pafs.FileType.File)
-    assert [n for n in names if not n.startswith("_runs/")] == ["_manifest.json", "_summary.json",
-                                                               *sorted(f"part-{i}.parquet" for i in range(files))]
+    assert [n for n in names if not n.startswith(("_runs/", "_manifest/"))] == [
+        "_summary.json", *sorted(f"part-{i}.parquet" for i in range(files))]  # nothing partial, no lease left
+    assert _statuses(f"{s3_prefix}/out") == Counter({"done": files})
 
 
-def test_a_killed_predictor_actor_is_replaced_and_the_run_completes_exactly_once(ray_head, repo_root, s3_prefix):
-    from textlabel.model import packaged_model_dir
-
-    rows = corpus(f"{s3_prefix}/in", [150] * 10)
-    job = _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix), wait=False)
-    _wait("the first file's record", lambda: _records(f"{s3_prefix}/out") >= 1)
+def test_a_killed_predictor_actor_is_replaced_and_the_run_completes_exactly_once(ray_head, repo_root, tiny_model,
+                                                                                 s3_endpoint, s3_prefix):
+    rows = corpus(f"{s3_prefix}/in", [50] * 10)
+    held = s3_endpoint.hold("PUT", f"{s3_prefix[5:]}/out/part-")  # the actor, writing its first output
+    job = _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix), wait=False)
+    held.wait()
     victims = _head_processes(ray_head, "PartLabeller")
-    assert len(victims) == 1  # the pool's one actor, part-way through the corpus ...
-    assert victims[0].cpu_percent(interval=0.3) > 30  # ... and busy labelling a part when it dies
+    assert len(victims) == 1  # the pool's one actor, killed with a write on the wire
     victims[0].kill()
+    held.release()
+
     def ended() -> str | None:
         status = _status(ray_head, job)
         return status if any(w in status for w in ("succeeded", "failed", "stopped")) else None
 
     status = _wait("the job to end", ended)
     assert f"Job '{job}' succeeded" in status
-    summary = storage.read_json(storage.resolve(f"{s3_prefix}/out/_summary.json"))
-    assert (summary["files_labelled"], summary["files_failed"], summary["rows_out"]) == (10, 0, 1500)
+    summary = storage.read_json(resolve(f"{s3_prefix}/out/_summary.json"))
+    assert (summary["files_labelled"], summary["files_failed"], summary["rows_out"]) == (10, 0, 500)
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
 
 
@@ -208,32 +229,21 @@ def test_gpu_check_runs_reduced_on_cpu(repo_root, tmp_path):
     assert report["label"]["rows"] == 2000 and report["label"]["rows_per_s"] > 0
 
 
-def test_driver_killed_while_relabelling_then_rerun_finishes_the_relabel(ray_head, repo_root, s3_prefix):
-    from textlabel.manifest import Manifest
-    from textlabel.model import packaged_model_dir
-
-    files = 12
-    rows = corpus(f"{s3_prefix}/in", [150] * files)
-    out = storage.resolve(f"{s3_prefix}/out")
-    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
-
-    first_run = storage.read_json(out.join("_summary.json"))["run"]
-
-    def statuses(relabelled_only: bool = False) -> Counter:
-        return Counter(rec["status"] for rec in Manifest.load(out).files.values()
-                       if not relabelled_only or rec["run"] != first_run)
-
-    _submit(ray_head, repo_root, [*_label_args(packaged_model_dir(), s3_prefix), "--relabel"], wait=False)
-    # Every file is marked `labelling` before its parts are replaced; wait until some are done again.
-    _wait("part of the relabel", lambda: statuses()["labelling"] and statuses(True)["done"])
-    driver = [p for p in _head_processes(ray_head, f"--input {s3_prefix}/in/ ") if p.name().startswith("python")]
-    driver[0].kill()
-    _wait("the killed job's actors to go", lambda: not _head_processes(ray_head, "PartLabeller"), timeout=60)
-    after_kill = statuses()
-    assert after_kill["labelling"] >= 1 and after_kill["done"] >= 1 and sum(after_kill.values()) == files
+def test_driver_killed_while_relabelling_then_rerun_finishes_the_relabel(ray_head, repo_root, tiny_model, s3_endpoint,
+                                                                        s3_prefix):
+    files = 8
+    rows = corpus(f"{s3_prefix}/in", [50] * files)
+    out = f"{s3_prefix}/out"
+    _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix))
+    held = s3_endpoint.hold("PUT", f"{s3_prefix[5:]}/out/part-", nth=3)  # the relabel, part-way through its outputs
+    _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix, "--relabel"), wait=False)
+    held.wait()
+    _kill_driver(ray_head, s3_prefix)
+    held.release()
+    assert _statuses(out) == Counter({"labelling": files})  # every file was unvouched before its parts were replaced
     # The same nightly command, without --relabel: the files caught half-replaced are labelled again.
-    _submit(ray_head, repo_root, _label_args(packaged_model_dir(), s3_prefix))
-    summary = storage.read_json(out.join("_summary.json"))
-    assert (summary["files_labelled"], summary["files_unchanged"]) == (after_kill["labelling"], after_kill["done"])
-    assert statuses() == Counter({"done": files})
+    _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix))
+    summary = storage.read_json(resolve(f"{out}/_summary.json"))
+    assert summary["files_labelled"] + summary["files_adopted"] == files and summary["files_unchanged"] == 0
+    assert _statuses(out) == Counter({"done": files})
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist())

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from conftest import corpus as make_corpus, easy_rows, put_parquet, read_output
+from conftest import corpus as make_corpus, easy_rows, put_parquet, read_output, resolve
 from textlabel import storage
 from textlabel.cli import label_main
 
@@ -47,11 +47,11 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     assert ((scores >= 0.5) & (scores <= 1.0)).all()  # the winning probability of two classes
     accuracy = np.mean(np.array(result["pred_label"].to_pylist()) == np.array(result["label"].to_pylist()))
     assert accuracy > 0.9
-    summary = storage.read_json(storage.resolve(out).join("_summary.json"))
+    summary = storage.read_json(resolve(out).join("_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_labelled"] == 3
     assert summary["rows_skipped"] == {"null_text": 2} and summary["rows_labelled"] == corpus.num_rows - 2
     # One output file per input file, under the same name.
-    assert sorted(f.base_name for f in storage.list_files(storage.resolve(out), ".parquet")) == [
+    assert sorted(f.base_name for f in storage.list_files(resolve(out), ".parquet")) == [
         "part-0.parquet", "part-1.parquet", "part-2.parquet"]
 
 
@@ -67,17 +67,17 @@ def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], "body": ["x"]}))
         model = f"{s3_prefix}/no-such-model"  # never reached: the column check comes first
     elif case == "empty_prefix":
-        storage.write_bytes(storage.resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")
+        storage.write_bytes(resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")
     elif case == "label_clash":
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"], "label": ["y"]}))
     else:
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
-        storage.write_bytes(storage.resolve(f"{s3_prefix}/model/config.json"), b"{}")
-        storage.write_bytes(storage.resolve(f"{s3_prefix}/model/pytorch_model.bin"), b"pickle")
+        storage.write_bytes(resolve(f"{s3_prefix}/model/config.json"), b"{}")
+        storage.write_bytes(resolve(f"{s3_prefix}/model/pytorch_model.bin"), b"pickle")
         model = f"{s3_prefix}/model"
     assert _label(["--model", model, "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out"]) == 2
     assert expected in caplog.text
-    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
+    assert not storage.exists(resolve(f"{s3_prefix}/out"))
 
 
 def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
@@ -106,7 +106,7 @@ def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
                    "--num-actors", "3", "--cpus-per-actor", "1"])
     assert code == 2
     assert "3 predictor actors x --cpus-per-actor 1.0 need more than the cluster's 2 CPUs" in caplog.text
-    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
+    assert not storage.exists(resolve(f"{s3_prefix}/out"))
 
 
 def test_quantized_rows_under_the_margin_are_relabelled_in_full_precision(tiny_model):

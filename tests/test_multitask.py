@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import put_parquet, read_output, two_task_rows
+from conftest import put_parquet, read_output, two_task_rows, resolve
 from textlabel import storage
 from textlabel.cli import label_main, train_main
 from textlabel.model import local_model_dir
@@ -31,7 +31,7 @@ def two_task(ray_session, wider_tiny_model):
             "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
             "--max-length", 32]
     assert train_main([str(a) for a in args]) == 0
-    return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(storage.resolve(f"{prefix}/run/metrics.json"))}
+    return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(resolve(f"{prefix}/run/metrics.json"))}
 
 
 def test_two_tasks_train_together_with_missing_labels_masked(two_task):
@@ -48,7 +48,7 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
     assert tasks["sentiment"]["accuracy"] > 0.9 and tasks["topic"]["accuracy"] > 0.9  # chance: 0.5 and 0.33
     assert final["val_accuracy"] == pytest.approx((tasks["sentiment"]["accuracy"] + tasks["topic"]["accuracy"]) / 2)
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
-    run = storage.resolve(f"{two_task['prefix']}/run")
+    run = resolve(f"{two_task['prefix']}/run")
     for name in ["model/textlabel_tasks.json", "model/heads.safetensors", "model/model.safetensors", "report/report.md",
                  "report/sentiment/confusion_matrix.png", "report/topic/report.md", "report/topic/training_curves.png"]:
         assert storage.exists(run.join(*name.split("/"))), name

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from conftest import easy_rows, put_parquet
+from conftest import easy_rows, put_parquet, resolve
 from textlabel import storage
 from textlabel.cli import evaluate_main
 from textlabel.report import write_report
@@ -48,7 +48,7 @@ def test_report_numbers_match_sklearn_and_pngs_are_images(tmp_path):
     y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 3, 300))
     texts = [f"message {i}" for i in range(300)]
     epochs = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.5 + e / 10, "val_macro_f1": 0.4 + e / 10} for e in (1, 2, 3)]
-    out = storage.resolve(str(tmp_path / "report"))
+    out = resolve(str(tmp_path / "report"))
     metrics = write_report(out, labels, y_true, y_pred, texts, epochs)
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert metrics["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
@@ -63,7 +63,7 @@ def test_report_numbers_match_sklearn_and_pngs_are_images(tmp_path):
 
 
 def test_training_writes_a_report_with_a_tfidf_baseline(trained):
-    out = storage.resolve(trained["output"])
+    out = resolve(trained["output"])
     metrics = storage.read_json(out.join("metrics.json"))
     baseline = metrics["baseline_tfidf_logreg"]
     assert baseline["accuracy"] > 0.9  # one polar word per row: easy for TF-IDF too
@@ -82,10 +82,10 @@ def test_evaluate_job_matches_sklearn_on_independent_predictions(trained, s3_pre
     put_parquet(f"{s3_prefix}/holdout.parquet", rows)
     assert evaluate_main(["--model", f"{trained['output']}/model", "--data", f"{s3_prefix}/holdout.parquet",
                           "--output", f"{s3_prefix}/eval", "--batch-size", "16"]) == 0
-    out = storage.resolve(f"{s3_prefix}/eval")
+    out = resolve(f"{s3_prefix}/eval")
     summary = storage.read_json(out.join("metrics.json"))
     local = tmp_path / "model"
-    storage.copy_dir(storage.resolve(f"{trained['output']}/model"), storage.resolve(str(local)))
+    storage.copy_dir(resolve(f"{trained['output']}/model"), resolve(str(local)))
     classify = pipeline("text-classification", model=str(local), device="cpu")
     labels = ["negative", "positive"]
     y_pred = np.array([labels.index(p["label"]) for p in classify(rows["text"].to_pylist())])

@@ -14,7 +14,7 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 
-from conftest import easy_rows, put_parquet
+from conftest import easy_rows, put_parquet, resolve
 from textlabel import storage
 from textlabel.cli import train_main
 
@@ -24,7 +24,7 @@ def _train(args: list[str]) -> int:
 
 
 def _metrics(output: str) -> dict:
-    return storage.read_json(storage.resolve(output).join("metrics.json"))
+    return storage.read_json(resolve(output).join("metrics.json"))
 
 
 def test_training_learns_and_records_every_epoch(trained):
@@ -44,8 +44,8 @@ def test_training_learns_and_records_every_epoch(trained):
 def test_saved_model_loads_in_a_plain_transformers_pipeline(trained, tmp_path):
     from transformers import pipeline
 
-    model_loc = storage.resolve(trained["output"]).join("model")
-    local = storage.Location(str(tmp_path), storage.resolve(str(tmp_path)).fs, str(tmp_path))
+    model_loc = resolve(trained["output"]).join("model")
+    local = storage.Location(str(tmp_path), resolve(str(tmp_path)).fs, str(tmp_path))
     names = storage.copy_dir(model_loc, local)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
     classify = pipeline("text-classification", model=str(tmp_path), device="cpu")
@@ -89,12 +89,12 @@ def test_bad_input_fails_before_training(ray_session, s3_prefix, tiny_model, cap
         put_parquet(data, pa.table({"text": ["a", "b"], "label": pa.array([None, None], pa.string())}))
     elif case == "unknown_type":
         data = f"{s3_prefix}/data.jsonl"
-        storage.write_bytes(storage.resolve(data), b"{}")
+        storage.write_bytes(resolve(data), b"{}")
     else:
         data = "s3://no-such-bucket/data/"
     assert _train(["--data", data, "--output", f"{s3_prefix}/out", "--model", tiny_model]) == 2
     assert expected in caplog.text
-    assert not storage.exists(storage.resolve(f"{s3_prefix}/out"))
+    assert not storage.exists(resolve(f"{s3_prefix}/out"))
 
 
 def test_bad_input_exit_code_from_the_script(repo_root, tmp_path):

@@ -9,13 +9,14 @@ from collections.abc import Callable
 
 from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, TrainConfig, parse_config
 from textlabel.data import DataError
+from textlabel.lease import LeaseHeld
 from textlabel.model import ModelError
 from textlabel.storage import StorageError
 
 logger = logging.getLogger("textlabel")
 
 # Problems the user can fix: one line, no traceback, exit code 2.
-USER_ERRORS = (ConfigError, DataError, ModelError, StorageError)
+USER_ERRORS = (ConfigError, DataError, LeaseHeld, ModelError, StorageError)
 
 
 def setup_logging() -> None:

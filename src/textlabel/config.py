@@ -111,7 +111,7 @@ class LabelConfig:
 
     model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
     input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
-    output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest.json and _summary.json. Rerunning labels only what is new.", True)
+    output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest/, _summary.json and, while a run lives, _lease.json. Rerunning labels only what is new.", True)
     text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
     label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
     batch_size: int = _opt(64, "Rows per model call (length-grouped, padded only to the batch's longest row).")
@@ -124,8 +124,16 @@ class LabelConfig:
     quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2x faster; see README for its accuracy cost).")
     recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
     rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...).")
+    part_bytes: int = _opt(256 << 20, "Most uncompressed input bytes per part (one output file): bounds an actor's memory; a bigger row group is cut into slices.")
+    max_attempts: int = _opt(3, "Times a part may kill its predictor process (out of memory, a crash) before its file is recorded as failed.")
     relabel: bool = _opt(False, "Label every input file again, not only new, changed and failed ones; each output file is replaced in place.")
     keep_old_labels: bool = _opt(False, "When --output holds labels from another model: keep them and label only new or changed files with this one (default: refuse).")
+    prune_gone: bool = _opt(False, "Delete the outputs and records of input files that no longer exist (default: list them in the summary).")
+    verify_outputs: bool = _opt(False, "List --output and check every recorded output file is there (relabel the missing, delete the unrecorded). Done anyway after a run that did not end cleanly.")
+    lease: bool = _opt(True, "Hold a lease on --output while running, so a second run there is refused (--no-lease: for stores that ignore conditional writes; keep runs apart yourself).")
+    lease_seconds: float = _opt(300.0, "Lease time to live: renewed every third of it; a dead holder's lease is taken over at once when its death can be proven, else when it expires.")
+    commit_every: int = _opt(500, "Records per manifest commit (a commit also happens every --commit-seconds).")
+    commit_seconds: float = _opt(10.0, "Most seconds a finished file waits for its record to be committed.")
 
     def pool_size(self) -> tuple[int, int]:
         """(min, max) predictor actors from --num-actors."""
@@ -136,7 +144,8 @@ class LabelConfig:
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
         problems = _missing_required(self)
-        problems += _positive(self, ["batch_size", "max_length", "cpus_per_actor", "gpus_per_actor", "rows_per_file"])
+        problems += _positive(self, ["batch_size", "max_length", "cpus_per_actor", "gpus_per_actor", "rows_per_file",
+                                     "part_bytes", "max_attempts", "lease_seconds", "commit_every", "commit_seconds"])
         if not 0.0 <= self.recheck_margin <= 1.0:
             problems.append(f"--recheck-margin must be in [0, 1], got {self.recheck_margin}")
         if self.threads_per_actor is not None and self.threads_per_actor < 1:

@@ -1,21 +1,26 @@
-"""The labelling job: incremental, exactly-once labelling of a growing Parquet corpus.
+"""The labelling job: incremental, exactly-once labelling of a Parquet corpus that grows every night.
 
-Each run lists the input files with their versions (S3 ETag, or size and mtime), reads
-the manifest under --output (manifest.py) and labels only the files it does not vouch
-for: new files, changed files, files that failed before (all of them with --relabel).
+A run, in order:
 
-The unit of work is a *part*: one input file, or a run of its row groups when the file
-holds more than --rows-per-file rows. Parts go through a Ray Data actor pool; each
-actor reads its part, labels it (reading and tokenizing the next batch while the model
-runs), and writes the output file in one atomic PUT (a rename on local disks) under a
-name fixed by the input path and part number. A retried part therefore overwrites
-itself: killed at any point, the next run leaves every input row in exactly one
-output row. A file's manifest record is written only after all its parts exist.
+1. **Lists** the input (one LIST per 1,000 objects, Arrow columns) and **takes the lease**
+   on --output (lease.py), so no other run writes there meanwhile.
+2. **Loads the manifest** (manifest.py: a snapshot plus small segments) and **plans**
+   (plan.py, pure): the files not recorded DONE at their listed version. Only big files'
+   footers are read on the driver (to cut them into parts), and a few others' to fail fast
+   on a wrong --text-column. A run with nothing new stops here: no Ray, no writes but its
+   summary.
+3. **Sweeps**, only after a run that did not end cleanly (or with --verify-outputs): output
+   files no record vouches for are adopted when their Parquet metadata shows a complete,
+   current labelling of a pending file (a kill lost only their record), else deleted.
+4. **Labels** the units (packs of small files, parts of big ones) on a Ray Data actor pool
+   (labeller.py). Each finished file's record goes to the committer (commit.py), which
+   writes records in batches off the result loop and only then deletes outputs they stop
+   vouching for.
+5. **Finishes**: the last commits, compaction, the summary, and the lease released.
 
-A file that cannot be labelled (unreadable, no text column, zero rows, ...) is recorded
-as failed, with its reason, and the run goes on; the job then exits 3. Rows that
-cannot be labelled (null, blank, non-text, invalid UTF-8) keep a null label and a
-``skip_reason``; rows cut at --max-length are labelled and flagged ``truncated``.
+Exactly once: an output is written whole (one PUT or rename) under a name fixed by its
+input and part, before any record vouches for it; a record is written only when all of a
+file's parts exist; whatever a kill leaves is adopted or redone by the next run.
 """
 
 from __future__ import annotations
@@ -24,435 +29,359 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import os
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from textlabel import data as data_lib
+from textlabel import lease as lease_lib
 from textlabel import model as model_lib
-from textlabel import predict, storage
+from textlabel import plan, predict, storage
+from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
+from textlabel.labeller import LabellerSpec, PartLabeller, Tracker, adoptable, spec_dict
 from textlabel.manifest import Manifest
+from textlabel.records import FileOutcome, FileRecord, ItemResult, Status, adopted_record, file_record, keep_old_labels
+from textlabel.summary import Tally, write_summary
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_COLUMNS = ("label", "label_id", "score", "truncated", "skip_reason")
-SUMMARY = "_summary.json"
-RUNS = "_runs"
+SAMPLE = 8  # footers read on the driver to fail fast on a wrong option
 
 
 class FilesFailed(RuntimeError):
     """The run finished every file it could, but some could not be labelled (exit code 3)."""
 
 
+@dataclass
+class Night:
+    """One run's state, passed between its steps."""
+
+    cfg: LabelConfig
+    run: str
+    src: storage.Location
+    out: storage.Location
+    root: str
+    listing: pa.Table
+    manifest: Manifest | None = None
+    lease: lease_lib.Lease | None = None
+    taken_over: str | None = None
+    selection: plan.Selection | None = None
+    footers: dict[str, plan.Footer] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # input -> reason, found before labelling
+    model_id: str = ""
+    added: list[str] = field(default_factory=list)
+    previous: dict[str, FileRecord] = field(default_factory=dict)  # pending files' records before this run
+    tally: Tally = field(default_factory=Tally)
+    adopted: list[FileRecord] = field(default_factory=list)  # a killed run's complete outputs, taken as they are
+    stray: list[str] = field(default_factory=list)  # outputs no record vouches for, deleted before labelling
+    units: list[plan.Unit] = field(default_factory=list)
+    pool: tuple[int, int] = (1, 1)
+    committer: Committer | None = None
+    wrote: bool = False  # outputs may have been written: a crash now leaves the lease dirty
+
+
+def _listing(cfg: LabelConfig) -> tuple[storage.Location, str, pa.Table]:
+    src = storage.resolve(cfg.input)
+    listing = storage.list_table(src, ".parquet")
+    if listing.num_rows == 0:
+        raise data_lib.DataError(f"--input {cfg.input}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
+    single = listing.num_rows == 1 and listing["path"][0].as_py() == src.path.rstrip("/")
+    root = src.path.rsplit("/", 1)[0] if single else src.path
+    return src, root, plan.relative(listing, root)
+
+
+def _check_manifest(night: Night) -> None:
+    """One --output holds one corpus's labels, from one model unless told otherwise."""
+    cfg, manifest = night.cfg, night.manifest
+    if manifest.input and manifest.input.rstrip("/") != cfg.input.rstrip("/"):
+        raise ConfigError([f"--output {cfg.output} holds the labels of --input {manifest.input}, not {cfg.input}; "
+                           "give each corpus its own --output"])
+    if cfg.relabel or cfg.keep_old_labels:
+        return
+    state = manifest.state
+    done = state.filter(pa.compute.equal(state["status"].cast(pa.string()), Status.DONE.value))
+    others = sorted(m for m in pa.compute.unique(done["model"].cast(pa.string())).to_pylist() if m != night.model_id)
+    if others:
+        raise ConfigError([
+            f"--output {cfg.output} holds labels from another model ({others[0]}); this run's is {night.model_id}. "
+            "Pass --relabel to relabel every file with this model, --keep-old-labels to label only new files "
+            "with it, or write to a new --output"])
+
+
+def _footer(fs, listed: plan.Listed) -> plan.Footer | str:
+    try:
+        with fs.open_input_file(listed.path) as fh:
+            return plan.Footer.of(pq.ParquetFile(fh).metadata)
+    except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
+        return f"unreadable Parquet: {exc}"
+    except Exception as exc:  # access denied, retries exhausted, ...: this file fails, not the run
+        return f"could not read it: {type(exc).__name__}: {exc}"
+
+
+def _read_footers(night: Night) -> None:
+    """Footers of the big pending files (to split them) and of a spread sample of the rest (to fail fast)."""
+    pending = night.selection.pending
+    big = [f for f in pending if plan.is_big(f, night.cfg.part_bytes)]
+    step = max(1, len(pending) // SAMPLE)
+    wanted = {f.input: f for f in big + pending[::step][:SAMPLE]}
+    with ThreadPoolExecutor(16) as pool:
+        found = dict(zip(wanted, pool.map(lambda f: _footer(night.src.fs, f), wanted.values())))
+    for name, footer in found.items():
+        if isinstance(footer, str):
+            night.failed[name] = footer
+        else:
+            night.footers[name] = footer
+    night.failed |= plan.collisions(pending, night.listing["input"])
+
+
+def _check_footers(night: Night) -> None:
+    """Fail the files whose footer rules them out; refuse the run when that is every file (a wrong option)."""
+    for name, footer in night.footers.items():
+        problem = plan.check_footer(footer, night.cfg.text_column, night.added)
+        if problem:
+            night.failed[name] = problem
+    checked = set(night.footers) | set(night.failed)
+    if night.failed and checked == set(night.failed) and not night.selection.unchanged:
+        first = next(f.input for f in night.selection.pending if f.input in night.failed)
+        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {night.failed[first]}")
+
+
+def _plan(night: Night) -> None:
+    cfg, out = night.cfg, night.out
+    manifest = night.manifest = Manifest.load(out)
+    swept = bool(night.taken_over or not cfg.lease or cfg.verify_outputs or not manifest.found or manifest.legacy)
+    present = None
+    if swept:
+        names = storage.list_table(out, ".parquet")["path"] if storage.exists(out) else pa.array([], pa.string())
+        present = pa.compute.utf8_slice_codeunits(names, len(out.path.rstrip("/")) + 1).combine_chunks() \
+            if isinstance(names, pa.ChunkedArray) else names
+        if len(present) and not manifest.found:
+            raise data_lib.DataError(f"--output {cfg.output} holds Parquet files but no textlabel manifest (_manifest/); "
+                                     "write labels to a prefix of their own")
+    night.selection = plan.select(night.listing, manifest.state, cfg.relabel, present, night.root)
+    night.tally.swept = swept
+    if swept:  # half-written local temporary files count as stray outputs
+        night.stray = [p[len(out.path.rstrip("/")) + 1:] for p in storage.local_temp_files(out)]
+    _read_footers(night)
+    _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
+    model_lib.check_model_dir(cfg.model)
+    night.model_id = model_lib.identity(cfg.model)
+    _check_manifest(night)
+    night.added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
+    _check_footers(night)  # again, for files that already have the columns the labels would add
+    _adoptable(night)
+    night.previous = manifest.records([f.input for f in night.selection.pending])
+
+
+def _adoptable(night: Night) -> None:
+    """Outputs a killed run wrote without its record: complete, current ones are adopted (their files need no
+    labelling); the rest are stray, deleted before labelling. Reads only."""
+    orphans = night.selection.orphans
+    if not orphans:
+        return
+    out = night.out
+
+    def meta(name: str) -> dict[str, str] | None:
+        try:
+            with out.fs.open_input_file(out.join(*name.split("/")).path) as fh:
+                return adoptable(pq.read_metadata(fh).metadata)
+        except Exception:  # unreadable: not ours to keep
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        facts = dict(zip(orphans, pool.map(meta, orphans)))
+    pending = {f.input: f for f in night.selection.pending}
+    by_input: dict[str, list[tuple[str, dict[str, str]]]] = {}
+    for name, m in facts.items():
+        if m and m["input"] in pending and not night.cfg.relabel:
+            by_input.setdefault(m["input"], []).append((name, m))
+    for name, outputs in by_input.items():
+        record = adopted_record(dataclasses.asdict(pending[name]), outputs, night.model_id)
+        if record:
+            night.adopted.append(record)
+    kept = {o for r in night.adopted for o in r.outputs}
+    night.stray += [n for n in orphans if n not in kept]
+    adopted = {r.input for r in night.adopted}
+    night.selection.pending = [f for f in night.selection.pending if f.input not in adopted]
+
+
+def _prepare_writes(night: Night) -> None:
+    """Before any part runs: claim the prefix, adopt or delete a killed run's outputs, prune gone inputs,
+    record the files that failed their checks, and mark the files about to be replaced."""
+    cfg, manifest, committer = night.cfg, night.manifest, night.committer
+    manifest.claim(cfg.input)
+    by_input = {f.input: f for f in night.selection.pending}
+    # A file about to be labelled again stops being vouched for first: if the run dies while its
+    # parts are replaced, the next run labels it again instead of trusting a half-replaced output.
+    for name, rec in night.previous.items():
+        if rec.status in (Status.DONE, Status.STALE) and name in by_input and name not in night.failed:
+            committer.add(dataclasses.replace(rec, status=Status.LABELLING, run=night.run, recorded_at=_now()))
+    committer.flush()
+    for record in night.adopted:
+        committer.add(record)
+        night.tally.adopted.append(record.input)
+    storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in night.stray])
+    night.tally.orphans_deleted = len(night.stray)
+    if night.stray or night.adopted:
+        logger.info("an interrupted run left %d output file(s) without records: adopted %d complete file(s), deleted %d "
+                    "stray output(s)", sum(len(r.outputs) for r in night.adopted) + len(night.stray), len(night.adopted),
+                    len(night.stray))
+    if cfg.prune_gone and night.selection.gone:
+        for rec in manifest.records(night.selection.gone).values():
+            committer.add(dataclasses.replace(rec, status=Status.PRUNED, run=night.run, recorded_at=_now()), rec.outputs)
+        night.tally.pruned = list(night.selection.gone)
+    for name, reason in night.failed.items():
+        _finish_file(night, by_input[name], [ItemResult(name, 0, 1, name, by_input[name].fingerprint, error=reason)])
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _refuse_if_none_can_be_labelled(work: "Plan") -> None:
-    """Every file to label fails its checks: most likely a wrong option, not bad files; nothing is recorded."""
-    if work.pending and len(work.failed) == len(work.pending) and not work.unchanged:
-        first = work.pending[0]["input"]
-        raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {work.failed[first]}")
-
-
-def _check_clashes(work: "Plan", added: list[str]) -> None:
-    """Files that already have a column the labels would add fail (their parts are dropped)."""
-    for f in work.pending:
-        clash = [c for c in added if c in f.get("columns", ())]
-        if clash and f["input"] not in work.failed:
-            work.failed[f["input"]] = f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)"
-    work.parts = [p for p in work.parts if p["input"] not in work.failed]
-
-
-def part_name(rel: str, part: int, parts: int) -> str:
-    """The output file of one part: the input's own name, or NAME.part-00001.parquet when split."""
-    if parts == 1:
-        return rel
-    return f"{rel[: -len('.parquet')]}.part-{part:05d}.parquet"
-
-
-@dataclass
-class Plan:
-    """What one run will do."""
-
-    files: list[dict[str, Any]]  # every input file version found
-    pending: list[dict[str, Any]] = field(default_factory=list)  # files to (re)label
-    parts: list[dict[str, Any]] = field(default_factory=list)  # their parts, the actors' work
-    failed: dict[str, str] = field(default_factory=dict)  # input -> reason, found without reading any row
-    notes: dict[str, str] = field(default_factory=dict)  # input -> schema note (labelled anyway)
-    unchanged: int = 0
-    gone: list[str] = field(default_factory=list)  # recorded inputs no longer listed
-    lost: list[str] = field(default_factory=list)  # recorded inputs whose output files are missing: labelled again
-
-
-def _columns_note(schema: pa.Schema, reference: pa.Schema | None) -> str | None:
-    if reference is None or schema.names == reference.names:
-        return None
-    extra = [n for n in schema.names if n not in reference.names]
-    missing = [n for n in reference.names if n not in schema.names]
-    if not extra and not missing:
-        return "columns in another order than the run's first file"
-    return "columns differ from the run's first file: " + "; ".join(
-        s for s in (f"extra {extra}" if extra else "", f"missing {missing}" if missing else "") if s)
-
-
-def _inspect(cfg: LabelConfig, fs, f: dict[str, Any]) -> dict[str, Any]:
-    """Footer facts about one input file (no rows read), or why it cannot be labelled."""
-    try:
-        with fs.open_input_file(f["path"]) as fh:
-            meta = pq.ParquetFile(fh).metadata
-        schema = meta.schema.to_arrow_schema()
-    except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
-        return {"error": f"unreadable Parquet: {exc}"}
-    except Exception as exc:  # access denied, retries exhausted, ...: this file fails, not the run
-        return {"error": f"could not read it: {type(exc).__name__}: {exc}"}
-    if cfg.text_column not in schema.names:
-        return {"error": f"no column {cfg.text_column!r} (columns: {', '.join(schema.names)}); pass --text-column",
-                "schema": schema}
-    if meta.num_rows == 0:
-        return {"error": "zero rows: nothing to label (an empty export upstream?)", "schema": schema}
-    groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-    return {"schema": schema, "rows": meta.num_rows, "row_groups": groups}
-
-
-def _split(groups: list[int], most: int) -> list[list[int]]:
-    """Consecutive row groups, at most ``most`` rows a part (a bigger row group is a part alone)."""
-    parts, current, rows = [], [], 0
-    for i, n in enumerate(groups):
-        if current and rows + n > most:
-            parts.append(current)
-            current, rows = [], 0
-        current.append(i)
-        rows += n
-    return parts + ([current] if current else [])
-
-
-def plan(cfg: LabelConfig, src: storage.Location, root: str, manifest: Manifest, present: set[str]) -> Plan:
-    """List the input versions, pick the files to label and cut them into parts.
-
-    ``present``: the output files that exist now (relative to --output).
-    """
-    found = storage.list_versions(src, ".parquet")
-    if not found:
-        raise data_lib.DataError(f"--input {cfg.input}: no *.parquet files there; check the prefix (is tonight's corpus in place?)")
-    for f in found:
-        f["input"] = f["path"][len(root):].lstrip("/")
-    result = Plan(found)
-    listed = {f["input"] for f in found}
-    result.gone = sorted(k for k in manifest.files if k not in listed)
-    for f in found:
-        rec = manifest.files.get(f["input"])
-        if not cfg.relabel and rec and rec["status"] == "done" and rec["fingerprint"] == f["fingerprint"]:
-            if set(rec["outputs"]) <= present:
-                result.unchanged += 1
-                continue
-            result.lost.append(f["input"])  # someone deleted its labels: make them again
-        result.pending.append(f)
-    with ThreadPoolExecutor(16) as pool:
-        facts = list(pool.map(lambda f: _inspect(cfg, src.fs, f), result.pending))
-    reference = next((x["schema"] for x in facts if "error" not in x), None)
-    pending = {f["input"] for f in result.pending}
-    # output -> the input it belongs to; outputs of files left as they are count too
-    names = {o: rec["input"] for rec in manifest.files.values() if rec["status"] == "done" and rec["input"] not in pending
-             for o in rec["outputs"]}
-    for f, fact in zip(result.pending, facts):
-        if "error" in fact:
-            result.failed[f["input"]] = fact["error"]
-            continue
-        f["columns"] = fact["schema"].names
-        note = _columns_note(fact["schema"], reference)
-        if note:
-            result.notes[f["input"]] = note
-        split = _split(fact["row_groups"], cfg.rows_per_file)
-        outputs = [part_name(f["input"], k, len(split)) for k in range(len(split))]
-        taken = [o for o in outputs if o in names]
-        if taken:
-            result.failed[f["input"]] = f"output name {taken[0]} is also {names[taken[0]]}'s; rename one of the two inputs"
-            continue
-        names.update(dict.fromkeys(outputs, f["input"]))
-        for k, groups in enumerate(split):
-            result.parts.append({
-                "input": f["input"], "path": f["path"], "fingerprint": f["fingerprint"], "part": k, "parts": len(split),
-                "row_groups": groups, "rows": sum(fact["row_groups"][g] for g in groups), "output": outputs[k],
-            })
-    return result
-
-
-class PartLabeller:
-    """Ray Data actor: labels whole parts, one output file each, written atomically."""
-
-    def __init__(self, cfg: dict[str, Any], input_url: str, output_url: str, model_id: str):
-        self.cfg = LabelConfig(**cfg)
-        threads = self.cfg.threads_per_actor or max(1, round(self.cfg.cpus_per_actor))
-        self.scorer = predict.Scorer(self.cfg.model, self.cfg.batch_size, self.cfg.use_gpu, self.cfg.quantize,
-                                     threads, self.cfg.recheck_margin)
-        self.src = storage.resolve(input_url)
-        self.out = storage.resolve(output_url)
-        self.model_id = model_id
-
-    def _prepare(self, batch: pa.RecordBatch):
-        """Texts, tokens, truncation flags and skip reasons of one read batch (runs beside the model)."""
-        texts, reasons = predict.texts_of(batch.column(self.cfg.text_column))
-        tokens, truncated = predict.tokenize(self.cfg.model, texts, self.cfg.max_length)
-        return batch, tokens, truncated, reasons
-
-    def _labelled(self, batch: pa.RecordBatch, tokens, truncated, reasons) -> pa.Table:
-        table = pa.Table.from_batches([batch])
-        p = self.cfg.label_prefix
-        for name, column in self.scorer.columns(tokens, p).items():
-            table = table.append_column(name, column)
-        skipped = np.array([r is not None for r in reasons], dtype=bool)
-        table = table.append_column(p + "truncated", pa.array(truncated, mask=skipped))
-        return table.append_column(p + "skip_reason", pa.array(reasons, type=pa.string()))
-
-    def label_part(self, part: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
-        result = {"input": part["input"], "part": int(part["part"]), "output": part["output"], "rows_in": 0,
-                  "rows_out": 0, "skipped": "{}", "truncated": 0, "error": None, "seconds": 0.0}
-        try:
-            with self.src.fs.open_input_file(part["path"]) as fh:
-                reader = pq.ParquetFile(fh)
-                batches = reader.iter_batches(batch_size=16 * self.cfg.batch_size, row_groups=list(part["row_groups"]),
-                                              use_threads=False)
-                sink, writer, skipped, truncated = pa.BufferOutputStream(), None, Counter(), 0
-                with ThreadPoolExecutor(1) as ahead:
-                    def step():
-                        batch = next(batches, None)
-                        return None if batch is None else self._prepare(batch)
-                    pending = ahead.submit(step)
-                    while (item := pending.result()) is not None:
-                        pending = ahead.submit(step)  # read and tokenize the next batch while this one runs
-                        table = self._labelled(*item)
-                        if writer is None:
-                            meta = {"textlabel.input": part["input"], "textlabel.input_version": part["fingerprint"],
-                                    "textlabel.part": f"{part['part']}/{part['parts']}", "textlabel.model": self.model_id}
-                            writer = pq.ParquetWriter(sink, table.schema.with_metadata({**(table.schema.metadata or {}), **meta}))
-                        writer.write_table(table)
-                        result["rows_in"] += item[0].num_rows
-                        skipped.update(r for r in item[3] if r is not None)
-                        truncated += int(item[2].sum())
-                if writer is None:
-                    raise data_lib.DataError("the part has no rows")
-                writer.close()
-            if result["rows_in"] != part["rows"]:
-                raise data_lib.DataError(f"read {result['rows_in']} rows where the footer says {part['rows']}")
-            data = sink.getvalue()
-            storage.write_bytes(self.out.join(*part["output"].split("/")), data)
-            result.update(rows_out=pq.read_metadata(pa.BufferReader(data)).num_rows, skipped=json.dumps(dict(skipped)),
-                          truncated=truncated)
-        except Exception as exc:  # this part (so its file) fails; the run goes on
-            result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        result["seconds"] = round(time.perf_counter() - start, 3)
-        return result
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self.label_part(part) for part in batch.to_pylist()])
-
-
-def _file_record(f: dict[str, Any], results: list[dict[str, Any]], model_id: str, run_id: str, note: str | None) -> dict[str, Any]:
-    errors = [r["error"] for r in sorted(results, key=lambda r: r["part"]) if r["error"]]
-    skipped: Counter = Counter()
-    for r in results:
-        skipped.update(json.loads(r["skipped"]))
-    return {
-        "input": f["input"], "fingerprint": f["fingerprint"], "size": f["size"],
-        "status": "failed" if errors else "done", "error": errors[0] if errors else None,
-        "outputs": [] if errors else [r["output"] for r in sorted(results, key=lambda r: r["part"])],
-        "rows_in": sum(r["rows_in"] for r in results), "rows_out": 0 if errors else sum(r["rows_out"] for r in results),
-        "rows_skipped": dict(skipped), "rows_truncated": sum(r["truncated"] for r in results),
-        "note": note, "model": model_id, "run": run_id, "seconds": round(sum(r["seconds"] for r in results), 2),
-        "recorded_at": _now(),
-    }
-
-
-def _output_files(out: storage.Location) -> list:
-    return storage.list_files(out, ".parquet") if storage.exists(out) else []
-
-
-def _prepare_output(cfg: LabelConfig, out: storage.Location, manifest: Manifest, present: list) -> int:
-    """Refuse a foreign output prefix; delete files a killed run wrote but never recorded."""
-    if present and not manifest.found:
-        raise data_lib.DataError(
-            f"--output {cfg.output} holds Parquet files but no textlabel manifest (_manifest.json); "
-            "write labels to a prefix of their own")
-    vouched = manifest.outputs()
-    orphans = [f for f in present if f.path[len(out.path):].lstrip("/") not in vouched]
-    if storage.fsspec_of(out.fs) is None and storage.exists(out):  # a local disk: half-written temporary files
-        orphans += [f for f in out.fs.get_file_info(storage.pafs.FileSelector(out.path, recursive=True))
-                    if f.type == storage.pafs.FileType.File and f.base_name.startswith(".") and f.base_name.endswith(".tmp")]
-    storage.delete_many(out.fs, [f.path for f in orphans])
-    if orphans:
-        logger.info("deleted %d output file(s) an interrupted run wrote but never recorded", len(orphans))
-    return len(orphans)
-
-
-def _check_model(cfg: LabelConfig, manifest: Manifest, model_id: str) -> None:
-    if manifest.input and manifest.input.rstrip("/") != cfg.input.rstrip("/"):
-        raise ConfigError([f"--output {cfg.output} holds the labels of --input {manifest.input}, not {cfg.input}; "
-                           "give each corpus its own --output"])
-    manifest.input = cfg.input
-    if cfg.relabel or cfg.keep_old_labels:
+def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -> None:
+    """A file's results are all in: queue its record, and the outputs it stops vouching for."""
+    outcome: FileOutcome = file_record(dataclasses.asdict(listed), results, night.model_id, night.run)
+    night.tally.finished.append(listed.input)
+    previous = night.previous.get(listed.input)
+    old = set(previous.outputs) if previous else set()
+    if outcome.changed:
+        night.tally.changed.append(listed.input)
+    record = outcome.record
+    if record is None:  # replaced while being read: not recorded at any version; the next run labels it
+        storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in outcome.written])
         return
-    others = sorted({r["model"] for r in manifest.files.values() if r["status"] == "done" and r["model"] != model_id})
-    if others:
-        raise ConfigError([
-            f"--output {cfg.output} holds labels from another model ({others[0]}); this run's is {model_id}. "
-            "Pass --relabel to relabel every file with this model, --keep-old-labels to label only new files "
-            "with it, or write to a new --output"])
+    if record.status == Status.FAILED:
+        record = keep_old_labels(record, previous, outcome.written)
+        logger.error("FAILED %s: %s", listed.input, record.error)
+    stale = (old | set(outcome.written)) - set(record.outputs)
+    night.committer.add(record, sorted(stale))
+    night.tally.add(record)
+
+
+def _pool(cfg: LabelConfig, units: int) -> tuple[int, int]:
+    """The actor pool's (min, max): no more actors than units."""
+    lo, hi = cfg.pool_size()
+    hi = max(1, min(hi, units))
+    return min(lo, hi), hi
+
+
+def _spec(night: Night) -> LabellerSpec:
+    cfg = night.cfg
+    reference = next((night.footers[f.input].columns for f in night.selection.pending
+                      if f.input in night.footers and f.input not in night.failed), None)  # the first good file's
+    hooks = json.loads(os.environ.get("TEXTLABEL_TEST_HOOKS", "{}"))  # tests only: see labeller.py
+    return LabellerSpec(cfg.model, night.model_id, cfg.input, night.run, cfg.output, cfg.text_column, cfg.label_prefix,
+                        night.added, list(reference) if reference else None, cfg.batch_size, cfg.max_length, cfg.use_gpu,
+                        cfg.quantize, cfg.recheck_margin, cfg.threads_per_actor or max(1, round(cfg.cpus_per_actor)),
+                        cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts, hooks)
+
+
+def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:
+    """Cut the pending files into units; when there are any, start Ray and check the pool fits."""
+    cfg = night.cfg
+    pending = [f for f in night.selection.pending if f.input not in night.failed]
+    night.units = plan.make_units(pending, night.footers, cfg.rows_per_file, cfg.part_bytes, cfg.pool_size()[1])
+    night.tally.units = len(night.units)
+    if not night.units:
+        return
+    if start_ray:
+        start_ray()
+    night.pool = _pool(cfg, len(night.units))
+    predict.check_cluster_fits(dataclasses.replace(cfg, num_actors="%d,%d" % night.pool), spare_cpus=0)
+
+
+def _label_units(night: Night) -> None:
+    """Stream the units through the actor pool; finish each file as soon as all its parts are back."""
+    if not night.units:
+        return
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    cfg, (lo, hi) = night.cfg, night.pool
+    pending = {f.input: f for f in night.selection.pending if f.input not in night.failed}  # what the units hold
+    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest) on %d-%d actors",
+                len(pending), len(night.units), sum(1 for u in night.units if u.items[0].part), lo, hi)
+    night.wrote = True
+    tracker = ray.remote(num_cpus=0)(Tracker).remote()
+    ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
+        PartLabeller, batch_size=1, batch_format="pyarrow",
+        fn_constructor_kwargs={"spec": spec_dict(_spec(night)), "tracker": tracker},
+        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=2),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+    )
+    results: dict[str, list[ItemResult]] = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for text in batch["result"].to_pylist():
+            r = ItemResult.from_json(text)
+            results.setdefault(r.input, []).append(r)
+            if len({x.part for x in results[r.input]}) == r.parts:
+                _finish_file(night, pending[r.input], results.pop(r.input))
+    missing = set(pending) - set(night.tally.finished)
+    if missing:
+        raise RuntimeError(f"{len(missing)} file(s) never came back from the actor pool; rerun to finish them")
 
 
 def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Label every input file not yet labelled; returns the run's summary (also in OUTPUT/_summary.json).
 
-    Everything that needs no model (listing, the manifest, every file's footer) is done
-    before ``start_ray`` is called; a run with nothing to do never starts Ray.
-    Raises FilesFailed, after finishing everything else, when some file could not be labelled.
+    Everything that needs no model (listing, the manifest, footers) is done before ``start_ray`` is
+    called; a run with nothing to do never starts Ray. Raises FilesFailed, after finishing everything
+    else, when some file could not be labelled.
     """
-    started, start = _now(), time.perf_counter()
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
-    src, out = storage.resolve(cfg.input), storage.resolve(cfg.output)
-    root = src.path if storage.info(src).type != storage.pafs.FileType.File else src.path.rsplit("/", 1)[0]
-    manifest = Manifest.load(out)
-    present = _output_files(out)
-    work = plan(cfg, src, root, manifest, {f.path[len(out.path):].lstrip("/") for f in present})
-    _refuse_if_none_can_be_labelled(work)
-    model_lib.check_model_dir(cfg.model)
-    model_id = model_lib.identity(cfg.model)
-    _check_model(cfg, manifest, model_id)
-    if work.pending:
-        added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
-        _check_clashes(work, added)
-        _refuse_if_none_can_be_labelled(work)
-    orphans = _prepare_output(cfg, out, manifest, present)
-    if work.lost:
-        logger.warning("%d file(s) are recorded as labelled but their output is missing; labelling them again: %s",
-                       len(work.lost), ", ".join(work.lost[:5]))
-    if work.parts:
-        if start_ray:
-            start_ray()
-        predict.check_cluster_fits(dataclasses.replace(cfg, num_actors="%d,%d" % _pool(cfg, work)), spare_cpus=0)
-    if not manifest.found:
-        manifest.fold()  # claims the prefix before any output exists: a killed first night is resumed like any other
-    logger.info("%d input files: %d labelled before and unchanged, %d to label in %d parts (%d rows), %d failed checks%s",
-                len(work.files), work.unchanged, len(work.pending) - len(work.failed), len(work.parts),
-                sum(p["rows"] for p in work.parts), len(work.failed), " (--relabel)" if cfg.relabel else "")
-    by_input = {f["input"]: f for f in work.pending}
-    records: list[dict[str, Any]] = []
-    # A file about to be labelled again stops being vouched for first: if the run dies while its
-    # parts are replaced, the next run labels it again instead of trusting a half-replaced output.
-    replaced = [manifest.files[f["input"]] for f in work.pending if manifest.files.get(f["input"], {}).get("status") == "done"]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda rec: manifest.record({**rec, "status": "labelling", "recorded_at": _now()}),
-                      [rec for rec in replaced if rec["input"] not in work.failed]))
-    old_outputs = {rec["input"]: set(rec["outputs"]) for rec in replaced}  # deleted once the new record is written
-
-    def commit(rec: dict[str, Any]) -> None:
-        manifest.record(rec)
-        stale = old_outputs.get(rec["input"], set()) - set(rec["outputs"])
-        if rec["status"] == "failed":  # a file is all there or not there: remove any part that made it
-            stale |= {p["output"] for p in work.parts if p["input"] == rec["input"]}
-        for name in stale:  # deleted only once the record no longer vouches for them
-            storage.delete(out.join(*name.split("/")))
-        records.append(rec)
-        if rec["status"] == "failed":
-            logger.error("FAILED %s: %s", rec["input"], rec["error"])
-
-    crashed = None
+    start = time.perf_counter()
+    run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    src, root, listing = _listing(cfg)
+    night = Night(cfg, run, src, storage.resolve(cfg.output), root, listing)
+    if cfg.lease:
+        night.lease, night.taken_over = lease_lib.acquire(night.out, run, cfg.lease_seconds)
+    night.tally.started_at, night.tally.taken_over = _now(), night.taken_over
+    crashed, summary = None, None
     try:
-        for name, reason in work.failed.items():
-            f = by_input[name]
-            commit({**_file_record(f, [], model_id, run_id, None), "status": "failed", "error": reason, "outputs": []})
-        if work.parts:
-            _label_parts(cfg, work, model_id, lambda name, results: commit(
-                _file_record(by_input[name], results, model_id, run_id, work.notes.get(name))))
+        _plan(night)
+        _start_pool(night, start_ray)
+        night.committer = Committer(night.manifest, cfg.commit_every, cfg.commit_seconds,
+                                    check=night.lease.check if night.lease else lambda: None)
+        _prepare_writes(night)
+        _label_units(night)
+        night.committer.close()
+        if night.lease:
+            night.lease.check()
+        night.tally.manifest = night.manifest.finish()
     except BaseException as exc:
         crashed = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        # Even a run that dies here leaves its summary, and the records of every file it finished.
-        try:
-            manifest.fold()
-            summary = _summary(cfg, work, records, manifest, model_id, run_id, started, time.perf_counter() - start, orphans)
-            summary["crashed"] = crashed
-            storage.write_json(out.join(SUMMARY), summary)
-            storage.write_json(out.join(RUNS, f"{run_id}.json"), summary)
-        except Exception:
-            if crashed is None:
-                raise
-            logger.exception("could not write the summary of a run that failed")
-    logger.info("run %s: %d files labelled (%d rows, %.0f rows/s), %d unchanged, %d failed; %d rows skipped %s, %d truncated; "
-                "summary in %s", run_id, summary["files_labelled"], summary["rows_out"], summary["rows_per_second"],
-                summary["files_unchanged"], summary["files_failed"], summary["rows_skipped_total"],
-                summary["rows_skipped"] or "", summary["rows_truncated"], out.join(SUMMARY).url)
+        summary = _end(night, crashed, time.perf_counter() - start)
     if summary["files_failed"]:
         raise FilesFailed(f"{summary['files_failed']} input file(s) could not be labelled (see FAILED lines above and "
-                          f"{out.join(SUMMARY).url}); every other file is labelled. Fix or remove them and rerun: "
-                          "only they will be labelled")
+                          f"{night.out.join('_summary.json').url}); every other file is labelled. Fix or remove them "
+                          "and rerun: only they will be labelled")
     return summary
 
 
-def _pool(cfg: LabelConfig, work: Plan) -> tuple[int, int]:
-    """The actor pool's (min, max): no more actors than parts."""
-    lo, hi = cfg.pool_size()
-    hi = max(1, min(hi, len(work.parts)))
-    return min(lo, hi), hi
-
-
-def _label_parts(cfg: LabelConfig, work: Plan, model_id: str,
-                 finish: Callable[[str, list[dict[str, Any]]], None]) -> None:
-    """Stream the parts through the actor pool; ``finish`` each file as soon as all its parts are back."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    lo, hi = _pool(cfg, work)
-    # Biggest parts first, so the night does not end waiting on one big file.
-    parts = sorted(work.parts, key=lambda p: -p["rows"])
-    ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
-        PartLabeller, batch_size=1, batch_format="pyarrow",
-        fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "input_url": cfg.input, "output_url": cfg.output,
-                               "model_id": model_id},
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=2),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
-    )
-    left = Counter(p["input"] for p in parts)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for row in ds.iter_rows():
-        results.setdefault(row["input"], []).append(row)
-        left[row["input"]] -= 1
-        if left[row["input"]] == 0:
-            finish(row["input"], results.pop(row["input"]))
-    if results or any(left.values()):
-        raise RuntimeError(f"{sum(left.values())} part(s) never came back from the actor pool; rerun to finish them")
-
-
-def _summary(cfg: LabelConfig, work: Plan, records: list[dict[str, Any]], manifest: Manifest, model_id: str,
-             run_id: str, started: str, seconds: float, orphans: int) -> dict[str, Any]:
-    done = [r for r in records if r["status"] == "done"]
-    failed = [r for r in records if r["status"] == "failed"]
-    skipped: Counter = Counter()
-    for r in done:
-        skipped.update(r["rows_skipped"])
-    rows_out = sum(r["rows_out"] for r in done)
-    return {
-        "run": run_id, "started_at": started, "finished_at": _now(), "input": cfg.input, "output": cfg.output,
-        "model": model_id, "relabel": cfg.relabel,
-        "files_found": len(work.files), "files_unchanged": work.unchanged, "files_labelled": len(done),
-        "files_failed": len(failed), "failed": {r["input"]: r["error"] for r in failed},
-        "files_with_other_columns": {r["input"]: r["note"] for r in done if r["note"]},
-        "inputs_gone": work.gone, "outputs_missing_relabelled": work.lost, "orphans_deleted": orphans,
-        "rows_in": sum(r["rows_in"] for r in done), "rows_out": rows_out,
-        "rows_labelled": rows_out - sum(skipped.values()), "rows_skipped_total": sum(skipped.values()),
-        "rows_skipped": dict(skipped), "rows_truncated": sum(r["rows_truncated"] for r in done),
-        "output_files": sum(len(r["outputs"]) for r in manifest.files.values() if r["status"] == "done"),
-        "output_rows": sum(r["rows_out"] for r in manifest.files.values() if r["status"] == "done"),
-        "seconds": round(seconds, 2), "rows_per_second": round(rows_out / seconds, 1) if seconds else 0.0,
-    }
+def _end(night: Night, crashed: str | None, seconds: float) -> dict[str, Any] | None:
+    """Flush what finished, write the summary (once the run got as far as writing), release the lease."""
+    clean = crashed is None or not night.wrote
+    summary = None
+    try:
+        if night.committer is not None:
+            if crashed is not None:
+                night.committer.close()  # the records of every file that finished still count
+            summary = write_summary(night, seconds, crashed)
+    except Exception:
+        clean = False
+        if crashed is None:
+            raise
+        logger.exception("could not commit the finished files or write the summary of a run that failed")
+    finally:
+        if night.lease:
+            night.lease.release(clean)
+    return summary

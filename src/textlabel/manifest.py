@@ -1,51 +1,78 @@
-"""The labelling manifest: which input file versions have been labelled into which output files.
+"""The labelling manifest: which input file versions are labelled into which output files.
 
-It lives under the output prefix and is the source of truth for incremental runs:
+It lives under ``OUTPUT/_manifest/`` as Parquet (records.RECORD_SCHEMA, one row per input
+file) and is the source of truth for incremental runs. Its cost follows the night, not the
+history:
 
-- ``_manifest/<key>.json``: one record per input file, written the moment that file's
-  outputs are all in place (so a killed run loses at most the files in flight);
-- ``_manifest.json``: every record, folded together at the end of a run (one read for
-  the next night's planning), after which the folded per-file records are deleted.
+- ``snapshot-E.parquet``: every record as of the end of run epoch E (a compact, columnar,
+  dictionary-encoded table: ~40 bytes a record on disk);
+- ``segment-E-SEQ.parquet``: the records one commit of run epoch E wrote (commit.py batches
+  them); at the end of a run its segments are merged into ``segment-E-merged.parquet``.
 
-A record written after the last fold is newer than the fold, so loading applies the
-per-file records over ``_manifest.json``. Every write is atomic (storage.write_bytes).
+Each run takes the epoch after the highest it finds. Loading reads the newest snapshot and
+applies every segment of a later epoch in name order (a later record of an input wins).
+When the segments hold more than a quarter of the snapshot's records (or there are more
+than MAX_SEGMENTS of them), the run's end compacts them into a new snapshot and deletes
+what it replaces: a night that labels N files writes O(N) bytes, amortised; a night with
+nothing new writes nothing. Every write is one atomic PUT (or rename), and a kill between
+any two of them leaves a state that loads to the same records.
+
+Manifests of format 1 (``_manifest.json`` plus ``_manifest/<hash>.json``) are read and
+migrated to a snapshot by the first run that holds the lease.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from textlabel import storage
+from textlabel.records import RECORD_SCHEMA, FileRecord, Status, records_table
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
-FOLDED = "_manifest.json"
-RECORDS = "_manifest"
+FORMAT = 2
+FOLDER = "_manifest"
+LEGACY = "_manifest.json"  # format 1
+MAX_SEGMENTS = 64
+_NAME = re.compile(r"^(snapshot|segment)-(\d{10})(?:-(\d{6}|merged))?\.parquet$")
 
 
-def record_key(input_rel: str) -> str:
-    """The file name of an input file's record (a hash: input paths may hold any character)."""
-    return hashlib.sha1(input_rel.encode()).hexdigest()[:24] + ".json"
+def _to_parquet(table: pa.Table, meta: dict[str, str]) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **meta}), sink, compression="zstd")
+    return sink.getvalue()
 
 
-def _read_record(loc: storage.Location, attempts: int = 3) -> dict[str, Any] | None:
-    """One per-file record; None if it is gone (folded by a run meanwhile). A record replaced while
-    being read (S3 says it expired) is read again."""
-    for attempt in range(attempts):
-        try:
-            return json.loads(storage.read_bytes(loc))
-        except FileNotFoundError:
-            return None
-        except OSError:
-            if attempt == attempts - 1:
-                raise
-    return None
+def _read_table(loc: storage.Location) -> pa.Table:
+    table = pq.read_table(pa.BufferReader(storage.read_bytes(loc)))
+    return table.cast(RECORD_SCHEMA.with_metadata(table.schema.metadata))
+
+
+def _latest(table: pa.Table) -> pa.Table:
+    """One row per input: the last one in table order."""
+    order = pa.array(range(table.num_rows), pa.int64())
+    last = table.append_column("_i", order).group_by("input", use_threads=False).aggregate([("_i", "max")])
+    return table.take(last["_i_max"])
+
+
+def _apply(base: pa.Table, newer: pa.Table) -> pa.Table:
+    """``base`` with the (deduplicated) ``newer`` records replacing those of the same inputs."""
+    if newer.num_rows == 0:
+        return base
+    kept = base.filter(pc.invert(pc.is_in(base["input"], newer["input"])))
+    return pa.concat_tables([kept, newer])
+
+
+def _input_of(table: pa.Table) -> str | None:
+    return (table.schema.metadata or {}).get(b"textlabel.input", b"").decode() or None
 
 
 @dataclass
@@ -53,46 +80,135 @@ class Manifest:
     """Records by input path (relative to --input), as loaded from an output prefix."""
 
     out: storage.Location
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    found: bool = False
+    state: pa.Table = field(default_factory=lambda: RECORD_SCHEMA.empty_table())  # one row per input
     input: str | None = None  # the --input these records are about
+    epoch: int = 1  # this run's epoch
+    snapshot_epoch: int | None = None
+    snapshot_rows: int = 0
+    files: list[str] = field(default_factory=list)  # snapshots and segments the state was read from
+    segment_rows: int = 0  # records in segments after the snapshot
+    legacy: list[str] = field(default_factory=list)  # format-1 files, deleted once migrated
+    updates: dict[str, FileRecord] = field(default_factory=dict)  # committed by this run
+
+    @property
+    def found(self) -> bool:
+        """True when the prefix holds a manifest (this run's first commit claims an empty one)."""
+        return bool(self.files or self.legacy)
 
     @classmethod
     def load(cls, out: storage.Location) -> "Manifest":
-        """Read ``_manifest.json`` and any newer per-file records (none of it: an empty manifest)."""
+        """The records under ``out`` (none: an empty manifest): newest snapshot plus later segments."""
+        folder = out.join(FOLDER)
+        names = [f.path[len(folder.path) + 1:] for f in storage.list_files(folder, "")] if storage.exists(folder) else []
+        parsed = sorted((m.group(1), int(m.group(2)), n) for n in names if (m := _NAME.match(n)))
+        snapshots = [(e, n) for kind, e, n in parsed if kind == "snapshot"]
         manifest = cls(out)
-        folded = out.join(FOLDED)
-        if storage.exists(folded):
-            doc = storage.read_json(folded)
-            if doc.get("format") != FORMAT:
-                raise storage.StorageError(f"{folded.url}: manifest format {doc.get('format')!r}, this textlabel reads {FORMAT}")
-            manifest.files = doc["files"]
-            manifest.input = doc.get("input")
-            manifest.found = True
-        records = out.join(RECORDS)
-        if storage.exists(records):
-            paths = [f.path for f in storage.list_files(records, ".json")]
-            with ThreadPoolExecutor(16) as pool:
-                loose = [r for r in pool.map(lambda p: _read_record(storage.Location(p, out.fs, p)), paths) if r]
-            for rec in sorted(loose, key=lambda r: r["recorded_at"]):
-                manifest.files[rec["input"]] = rec
-            manifest.found = manifest.found or bool(paths)
+        base = max(snapshots) if snapshots else None
+        segments = sorted(n for kind, e, n in parsed if kind == "segment" and (base is None or e > base[0]))
+        manifest.epoch = 1 + max([e for _, e, _ in parsed], default=0)
+        manifest.files = [n for _, _, n in parsed]
+        if base:
+            manifest.snapshot_epoch = base[0]
+            manifest.state = _read_table(folder.join(base[1]))
+            manifest.snapshot_rows = manifest.state.num_rows
+            manifest.input = _input_of(manifest.state)
+        elif storage.exists(out.join(LEGACY)) or any(n.endswith(".json") for n in names):
+            manifest.state = manifest._load_legacy([n for n in names if n.endswith(".json")])
+        with ThreadPoolExecutor(16) as pool:
+            loaded = list(pool.map(lambda n: _read_table(folder.join(n)), segments))
+        if loaded:
+            manifest.segment_rows = sum(t.num_rows for t in loaded)
+            manifest.input = _input_of(loaded[-1]) or manifest.input
+            newer = _latest(pa.concat_tables([t.replace_schema_metadata(None) for t in loaded]))
+            manifest.state = _apply(manifest.state.replace_schema_metadata(None), newer)
+        manifest.state = manifest.state.replace_schema_metadata(None)
+        pruned = pc.equal(manifest.state["status"].cast(pa.string()), Status.PRUNED.value)
+        if pc.any(pruned).as_py():
+            manifest.state = manifest.state.filter(pc.invert(pruned))
         return manifest
 
-    def outputs(self) -> set[str]:
-        """Every output file (relative to --output) that a record vouches for."""
-        return {o for rec in self.files.values() if rec["status"] == "done" for o in rec["outputs"]}
+    def _load_legacy(self, loose: list[str]) -> pa.Table:
+        """Format 1: ``_manifest.json`` with every record, then per-file JSON records newer than it."""
+        records: dict[str, FileRecord] = {}
+        folded = self.out.join(LEGACY)
+        if storage.exists(folded):
+            doc = storage.read_json(folded)
+            if doc.get("format") != 1:
+                raise storage.StorageError(f"{folded.url}: manifest format {doc.get('format')!r}; this textlabel reads 1 and {FORMAT}")
+            self.input = doc.get("input")
+            records = {k: FileRecord.from_row(v) for k, v in doc["files"].items()}
+            self.legacy.append(folded.path)
+        paths = [self.out.join(FOLDER, n) for n in loose]
+        with ThreadPoolExecutor(16) as pool:
+            docs = list(pool.map(lambda loc: json.loads(storage.read_bytes(loc)), paths))
+        for doc in sorted(docs, key=lambda d: d["recorded_at"]):
+            records[doc["input"]] = FileRecord.from_row(doc)
+        self.legacy += [loc.path for loc in paths]
+        logger.info("read a format-1 manifest (%d records); it is migrated to format %d", len(records), FORMAT)
+        return records_table(list(records.values()))
 
-    def record(self, rec: dict[str, Any]) -> None:
-        """Write one input file's record now (its outputs must already be in place)."""
-        storage.write_json(self.out.join(RECORDS, record_key(rec["input"])), rec)
-        self.files[rec["input"]] = rec
+    # What the planner and the summary ask of the records.
 
-    def fold(self) -> None:
-        """Fold every record into ``_manifest.json``, then delete the per-file records it now holds."""
-        storage.write_json(self.out.join(FOLDED), {"format": FORMAT, "input": self.input,
-                                                   "files": dict(sorted(self.files.items()))})
-        self.found = True
-        records = self.out.join(RECORDS)
-        done = [f.path for f in storage.list_files(records, ".json")] if storage.exists(records) else []
-        storage.delete_many(self.out.fs, done)
+    def records(self, inputs: list[str]) -> dict[str, FileRecord]:
+        """The current records of some inputs (this run's commits included)."""
+        found = {k: self.updates[k] for k in inputs if k in self.updates}
+        rest = [k for k in inputs if k not in found]
+        if rest:
+            rows = self.state.filter(pc.is_in(self.state["input"], pa.array(rest, pa.string())))
+            found |= {r["input"]: FileRecord.from_row(r) for r in rows.to_pylist()}
+        return found
+
+    def current(self) -> pa.Table:
+        """The state with this run's commits applied (PRUNED records dropped)."""
+        if not self.updates:
+            return self.state
+        state = _apply(self.state, records_table(list(self.updates.values())))
+        if any(r.status == Status.PRUNED for r in self.updates.values()):
+            state = state.filter(pc.not_equal(state["status"].cast(pa.string()), Status.PRUNED.value))
+        return state
+
+    # Writes: a segment per commit, a claim, and compaction.
+
+    def _meta(self) -> dict[str, str]:
+        return {"textlabel.manifest_format": str(FORMAT), "textlabel.input": self.input or ""}
+
+    def write_segment(self, records: list[FileRecord], seq: int) -> None:
+        """One atomic write of some records (commit.py calls this from its thread)."""
+        name = f"segment-{self.epoch:010d}-{seq:06d}.parquet"
+        storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(records_table(records), self._meta()))
+        self.files.append(name)
+        for r in records:
+            self.updates[r.input] = r
+
+    def claim(self, input_url: str) -> None:
+        """Mark the prefix as this corpus's labels before any output is written (an empty snapshot), or
+        migrate a format-1 manifest to a snapshot and delete its files."""
+        if self.files and not self.legacy:
+            return
+        self.input = self.input or input_url
+        name = f"snapshot-{self.epoch - 1:010d}.parquet"
+        storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(self.state, self._meta()))
+        self.files.append(name)
+        self.snapshot_epoch, self.snapshot_rows = self.epoch - 1, self.state.num_rows
+        storage.delete_many(self.out.fs, self.legacy)
+        self.legacy = []
+
+    def finish(self, compact: bool = False) -> str | None:
+        """End of a run: compact into a new snapshot when the segments have grown (or ``compact``), else merge
+        this run's segments into one. Returns what was done ("compacted", "merged") or None."""
+        mine = [n for n in self.files if n.startswith(f"segment-{self.epoch:010d}-")]
+        grown = self.segment_rows + len(self.updates) > self.snapshot_rows // 4
+        if mine and (compact or grown or len([n for n in self.files if n.startswith("segment-")]) > MAX_SEGMENTS):
+            name = f"snapshot-{self.epoch:010d}.parquet"
+            storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(self.current(), self._meta()))
+            storage.delete_many(self.out.fs, [self.out.join(FOLDER, n).path for n in self.files if n != name])
+            self.files = [name]
+            return "compacted"
+        if len(mine) > 1:
+            merged = records_table(list(self.updates.values()))
+            name = f"segment-{self.epoch:010d}-merged.parquet"
+            storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(merged, self._meta()))
+            storage.delete_many(self.out.fs, [self.out.join(FOLDER, n).path for n in mine])
+            self.files = [n for n in self.files if n not in mine] + [name]
+            return "merged"
+        return None

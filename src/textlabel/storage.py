@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 logger = logging.getLogger(__name__)
@@ -110,12 +111,9 @@ def list_files(loc: Location, suffix: str) -> list[pafs.FileInfo]:
         found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
     except Exception as exc:
         raise _explain(loc.url, exc) from exc
-    def visible(f: pafs.FileInfo) -> bool:
-        # Like Spark and Hive: _SUCCESS, _temporary/, .staging/ ... are not data.
-        return not any(part.startswith((".", "_")) for part in f.path[len(loc.path):].split("/"))
-
     return sorted(
-        (f for f in found if f.type == pafs.FileType.File and f.base_name.endswith(suffix) and visible(f)),
+        (f for f in found if f.type == pafs.FileType.File and f.base_name.endswith(suffix)
+         and not _hidden(f.path[len(loc.path):])),
         key=lambda f: f.path,
     )
 
@@ -172,41 +170,148 @@ def delete_many(fs: pafs.FileSystem, paths: list[str]) -> None:
         delete(Location(path, fs, path))
 
 
-def fingerprint(f: dict[str, Any]) -> str:
-    """A file version's identity: its S3 ETag, else its size and modification time."""
-    etag = f.get("ETag") or f.get("etag")
-    if etag:
-        return "etag:" + str(etag).strip('"')
-    return f"size:{f['size']}:mtime_ns:{f['mtime_ns']}"
+class VersionChanged(StorageError):
+    """The file at a path is no longer the version that was listed (replaced while the run went on)."""
 
 
-def list_versions(loc: Location, suffix: str) -> list[dict[str, Any]]:
-    """Like list_files, with each file's version: ``{"path", "size", "fingerprint"}``, sorted by path.
+def _hidden(rel: str) -> bool:
+    # Like Spark and Hive: _SUCCESS, _temporary/, .staging/ ... are not data.
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
 
-    ``loc`` may be one file. On S3 this is one listing (ETag, size) per 1,000 files; no object is read.
-    """
+
+def s3_fingerprint(etag: str) -> str:
+    """An S3 object version's identity: its ETag."""
+    return "etag:" + etag.strip('"')
+
+
+def local_fingerprint(st: os.stat_result) -> str:
+    """A local file version's identity: size and mtime, and inode and ctime (a file replaced by a rename,
+    or rewritten within the mtime's resolution, gets a new one)."""
+    return f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}:ino:{st.st_ino}:ctime_ns:{st.st_ctime_ns}"
+
+
+def legacy_fingerprint(fingerprint: str) -> str:
+    """What textlabel before manifest format 2 recorded for the same local file (size and mtime only)."""
+    return fingerprint.split(":ino:", 1)[0]
+
+
+LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("fingerprint", pa.string())])
+
+
+def _s3_listing(remote: Any, path: str, suffix: str) -> pa.Table:
+    """One LIST request per 1,000 objects; entries become Arrow columns page by page (bounded memory)."""
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+    prefix = key.rstrip("/") + "/" if key else ""
+
+    async def collect() -> list[pa.RecordBatch]:
+        batches, rows = [], {"path": [], "size": [], "fingerprint": []}
+        async for entry in remote._iterdir(bucket, prefix=prefix, delimiter=""):
+            name = entry["Key"]  # bucket/key
+            if entry.get("type") != "file" or not name.endswith(suffix) or _hidden(name[len(bucket) + 1 + len(prefix):]):
+                continue
+            rows["path"].append(name)
+            rows["size"].append(entry["size"])
+            rows["fingerprint"].append(s3_fingerprint(entry["ETag"]))
+            if len(rows["path"]) >= 50_000:
+                batches.append(pa.record_batch(rows, schema=LISTING_SCHEMA))
+                rows = {k: [] for k in rows}
+        return batches + [pa.record_batch(rows, schema=LISTING_SCHEMA)]
+
+    table = pa.Table.from_batches(sync(remote.loop, collect), schema=LISTING_SCHEMA)
+    if table.num_rows == 0 and key:  # the URL may name one object
+        try:
+            entry = remote.info(path)
+        except FileNotFoundError:
+            return table
+        if entry.get("type") == "file":
+            return pa.table({"path": [path], "size": [entry["size"]], "fingerprint": [s3_fingerprint(entry["ETag"])]},
+                            schema=LISTING_SCHEMA)
+    return table
+
+
+def _local_listing(root: str, suffix: str) -> pa.Table:
+    if os.path.isfile(root):
+        return pa.table({"path": [root], "size": [os.stat(root).st_size],
+                         "fingerprint": [local_fingerprint(os.stat(root))]}, schema=LISTING_SCHEMA)
+    rows = {"path": [], "size": [], "fingerprint": []}
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
+        for name in names:
+            if name.startswith((".", "_")) or not name.endswith(suffix):
+                continue
+            path = os.path.join(folder, name)
+            st = os.stat(path)
+            rows["path"].append(path)
+            rows["size"].append(st.st_size)
+            rows["fingerprint"].append(local_fingerprint(st))
+    return pa.table(rows, schema=LISTING_SCHEMA)
+
+
+def list_table(loc: Location, suffix: str) -> pa.Table:
+    """Every visible file under ``loc`` (or ``loc`` itself) ending in ``suffix``, with its size and version,
+    sorted by path: columns path, size, fingerprint. No object is read; on S3 one LIST per 1,000 files.
+    Names and folders starting with ``_`` or ``.`` are skipped."""
     remote = fsspec_of(loc.fs)
     try:
-        if remote is None:
-            one = loc.fs.get_file_info(loc.path)
-            found = [one] if one.type == pafs.FileType.File else list_files(loc, suffix)
-            return [{"path": f.path, "size": f.size, "fingerprint": fingerprint({"size": f.size, "mtime_ns": f.mtime_ns})}
-                    for f in found]
-        listing = remote.find(loc.path, detail=True, withdirs=False)
+        table = _s3_listing(remote, loc.path, suffix) if remote is not None else _local_listing(loc.path, suffix)
     except StorageError:
         raise
     except Exception as exc:
         raise _explain(loc.url, exc) from exc
-    if loc.path in listing or loc.path.rstrip("/") in listing:  # one object named by the URL
-        entry = listing.get(loc.path) or listing[loc.path.rstrip("/")]
-        return [{"path": loc.path, "size": entry["size"], "fingerprint": fingerprint(entry)}]
-    files = []
-    for path, entry in sorted(listing.items()):
-        rel = path[len(loc.path):]
-        if entry.get("type") != "file" or not path.endswith(suffix) or any(p.startswith((".", "_")) for p in rel.split("/")):
-            continue
-        files.append({"path": path, "size": entry["size"], "fingerprint": fingerprint(entry)})
-    return files
+    return table.sort_by("path")
+
+
+def list_versions(loc: Location, suffix: str) -> list[dict[str, Any]]:
+    """list_table as a list of ``{"path", "size", "fingerprint"}`` (for small listings)."""
+    return list_table(loc, suffix).to_pylist()
+
+
+def local_temp_files(loc: Location) -> list[str]:
+    """Half-written temporary files (write_bytes's ``.NAME.*.tmp``) under a local prefix; none on S3."""
+    if fsspec_of(loc.fs) is not None or not os.path.isdir(loc.path):
+        return []
+    return [os.path.join(folder, n) for folder, _, names in os.walk(loc.path) for n in names
+            if n.startswith(".") and n.endswith(".tmp")]
+
+
+def read_versioned(loc: Location) -> tuple[bytes, str]:
+    """A whole file and the fingerprint of the version read (one GET on S3: the bytes and their ETag agree)."""
+    remote = fsspec_of(loc.fs)
+    if remote is None:
+        with open(loc.path, "rb") as fh:
+            return fh.read(), local_fingerprint(os.fstat(fh.fileno()))
+    from fsspec.asyn import sync
+
+    bucket, _, key = loc.path.partition("/")
+
+    async def get() -> tuple[bytes, str]:
+        resp = await remote._call_s3("get_object", Bucket=bucket, Key=key)
+        async with resp["Body"] as body:
+            return await body.read(), s3_fingerprint(resp["ETag"])
+
+    return sync(remote.loop, get)
+
+
+def open_versioned(loc: Location, fingerprint: str) -> Any:
+    """A seekable handle on ``loc`` that reads only the version ``fingerprint``, else VersionChanged.
+
+    On S3 every ranged read carries If-Match with the ETag (s3fs does this for files opened for
+    reading), so a replacement during the read fails it instead of mixing two versions; on a
+    local disk the open descriptor keeps reading the file it opened.
+    """
+    remote = fsspec_of(loc.fs)
+    if remote is None:
+        fh = open(loc.path, "rb")
+        found = local_fingerprint(os.fstat(fh.fileno()))
+    else:
+        fh = remote.open(loc.path, "rb")
+        found = s3_fingerprint(fh.details.get("ETag", ""))
+    if found != fingerprint:
+        fh.close()
+        raise VersionChanged(f"{loc.url}: changed since it was listed ({fingerprint} -> {found})")
+    return fh
 
 
 def read_bytes(loc: Location) -> bytes:

@@ -1,0 +1,346 @@
+"""The predictor actor: labels units of work (plan.Unit) into output files.
+
+A unit's rows flow through one pipeline, whatever files they come from: read (a pack's
+small files concurrently, one GET each; a big file's part through a handle pinned to its
+listed version), cut into chunks of about CHUNK_ROWS rows (many small files share a chunk,
+so their rows share model batches), tokenized one chunk ahead of the model in a thread,
+labelled, and gathered per output file, which is written in one atomic PUT by a writer
+thread as soon as its last row is labelled. Each output's Parquet metadata records its
+input, the version read, its part and rows, the model and the counts, so a later run can
+adopt an output whose record a kill lost.
+
+A unit whose actor keeps dying (out of memory, a crash in native code) is not retried
+forever: the ``Tracker`` actor counts attempts; from the second, a pack's files run one
+by one so that only the culprit fails, after --max-attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from textlabel import predict, storage
+from textlabel.plan import Footer, Item, PartSpec, Unit, check_footer, columns_note, split
+from textlabel.records import ItemResult, part_name
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1024  # rows tokenized and labelled together
+READ_BYTES = 16 << 20  # about this many uncompressed bytes per read batch of a big part
+READ_THREADS = 8  # concurrent whole-file reads of a pack
+WRITE_THREADS = 4
+META = "textlabel."
+
+
+@dataclass
+class LabellerSpec:
+    """What every actor needs to know (sent once, at construction)."""
+
+    model: str | None
+    model_id: str
+    input: str
+    run: str
+    output: str
+    text_column: str
+    label_prefix: str
+    added_columns: list[str]
+    reference_columns: list[str] | None
+    batch_size: int
+    max_length: int
+    use_gpu: bool
+    quantize: bool
+    recheck_margin: float
+    threads: int
+    rows_per_file: int
+    part_bytes: int
+    max_attempts: int
+    hooks: dict[str, str] = field(default_factory=dict)  # test-only fault hooks (TEXTLABEL_TEST_HOOKS)
+
+
+class Tracker:
+    """Ray actor on the driver's side: how often each unit (or item) was started, and finished items'
+    results, so a retried unit skips what is done and gives up on what keeps killing its actor."""
+
+    def __init__(self) -> None:
+        self.starts: Counter = Counter()
+        self.finished: dict[str, list[str]] = {}
+
+    def start(self, key: str) -> tuple[int, dict[str, list[str]]]:
+        self.starts[key] += 1
+        prefix = key + "/"
+        return self.starts[key], {k: v for k, v in self.finished.items() if k.startswith(prefix)}
+
+    def finish(self, key: str, results: list[str]) -> None:
+        self.finished[key] = results
+
+
+@dataclass
+class _Out:
+    """One output file being assembled."""
+
+    item: Item
+    part: PartSpec
+    fingerprint: str
+    note: str | None
+    start: float
+    tables: list[pa.Table] = field(default_factory=list)
+    rows_in: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+
+    @property
+    def name(self) -> str:
+        return part_name(self.item.input, self.part.index, self.part.count)
+
+    def result(self, **changes: Any) -> ItemResult:
+        return ItemResult(self.item.input, self.part.index, self.part.count, self.name, self.fingerprint, self.rows_in,
+                          rows_skipped=dict(self.skipped), rows_truncated=self.truncated, note=self.note,
+                          seconds=round(time.perf_counter() - self.start, 3), **changes)
+
+
+def _failed(item: Item, error: str, changed: bool = False, fingerprint: str | None = None) -> ItemResult:
+    part = item.part or PartSpec(0, 1, 0, 0, ())
+    return ItemResult(item.input, part.index, part.count, part_name(item.input, part.index, part.count),
+                      fingerprint or item.fingerprint, error=error[:2000], changed=changed)
+
+
+class PartLabeller:
+    """Ray Data actor (map_batches): a batch of units (JSON) in, one result row per output file out."""
+
+    def __init__(self, spec: dict[str, Any], tracker: Any = None):
+        self.spec = LabellerSpec(**spec)
+        s = self.spec
+        self.scorer = predict.Scorer(s.model, s.batch_size, s.use_gpu, s.quantize, s.threads, s.recheck_margin)
+        self.out = storage.resolve(s.output)
+        self.src = storage.resolve(s.input)
+        self.tracker = tracker
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        results = [r for text in batch["unit"].to_pylist() for r in self.label_unit(Unit.from_json(text))]
+        return pa.table({"result": [r.to_json() for r in results], "input": [r.input for r in results]})
+
+    # Attempts: a unit that killed its actor before is retried carefully, then given up.
+
+    def _start(self, key: str) -> tuple[int, dict[str, list[str]]]:
+        if self.tracker is None:
+            return 1, {}
+        import ray
+
+        return ray.get(self.tracker.start.remote(key))
+
+    def label_unit(self, unit: Unit) -> list[ItemResult]:
+        """Label one unit; returns a result per output file (or per failed item)."""
+        attempt, finished = self._start(str(unit.id))
+        if attempt == 1:
+            return self._guarded(unit.items)
+        if len(unit.items) == 1:
+            return self._give_up(unit.items[0], attempt - 1) if attempt > self.spec.max_attempts else self._guarded(unit.items)
+        results = []  # a pack that killed its actor: one file at a time, so only the culprit fails
+        for item in unit.items:
+            key = f"{unit.id}/{item.key}"
+            if key in finished:
+                results += [ItemResult.from_json(r) for r in finished[key]]
+                continue
+            tries, _ = self._start(key)
+            done = self._give_up(item, tries) if 1 + tries > self.spec.max_attempts else self._guarded([item])
+            if self.tracker is not None:
+                import ray
+
+                ray.get(self.tracker.finish.remote(key, [r.to_json() for r in done]))
+            results += done
+        return results
+
+    def _give_up(self, item: Item, deaths: int) -> list[ItemResult]:
+        where = f"rows {item.part.start}-{item.part.stop} of this file" if item.part else "this file"
+        return [_failed(item, f"the predictor process died {deaths} times while labelling {where}: out of memory, or a "
+                              "crash in the tokenizer or model? (see the Ray logs); raise --part-bytes headroom or "
+                              "fix the file, then rerun")]
+
+    def _guarded(self, items: list[Item]) -> list[ItemResult]:
+        """Label items; an unexpected error fails them (their outputs may be half written: not trusted)."""
+        try:
+            return self._label(items)
+        except Exception as exc:
+            logger.exception("labelling %d file(s) failed", len(items))
+            return [dataclasses.replace(_failed(i, f"{type(exc).__name__}: {exc}"), maybe_written=True) for i in items]
+
+    # Reading: events of (output, rows), (output, end) and (item, error).
+
+    def _loc(self, item: Item) -> storage.Location:
+        return storage.Location(item.path, self.src.fs, item.path)
+
+    def _open(self, item: Item, parquet: pq.ParquetFile, fingerprint: str) -> list[_Out] | str:
+        footer = Footer.of(parquet.metadata)
+        problem = check_footer(footer, self.spec.text_column, self.spec.added_columns)
+        if problem:
+            return problem
+        note = columns_note(footer.columns, self.spec.reference_columns)
+        parts = [item.part] if item.part else split(footer, self.spec.rows_per_file, self.spec.part_bytes)
+        now = time.perf_counter()
+        return [_Out(item, p, fingerprint, note, now) for p in parts]
+
+    def _rows(self, parquet: pq.ParquetFile, out: _Out) -> Iterator[tuple[str, Any]]:
+        meta = parquet.metadata
+        row = sum(meta.row_group(g).num_rows for g in range(out.part.groups[0]))
+        for g in out.part.groups:
+            group = meta.row_group(g)
+            size = max(1, min(16 * self.spec.batch_size, READ_BYTES * max(1, group.num_rows) // max(1, group.total_byte_size)))
+            for batch in parquet.iter_batches(batch_size=size, row_groups=[g], use_threads=False):
+                lo, hi = max(out.part.start - row, 0), min(out.part.stop - row, batch.num_rows)
+                if hi > lo:
+                    yield "rows", (out, batch.slice(lo, hi - lo))
+                row += batch.num_rows
+                if row >= out.part.stop:
+                    return
+
+    def _read_item(self, item: Item, fetched: tuple[bytes, str] | Exception | None) -> Iterator[tuple[str, Any]]:
+        """Events for one item; ``fetched``: a pack file's bytes and the version read (or why not)."""
+        loc = self._loc(item)
+        try:
+            if isinstance(fetched, Exception):
+                raise fetched
+            if fetched is None:
+                handle = storage.open_versioned(loc, item.fingerprint)
+                parquet, fingerprint = pq.ParquetFile(handle), item.fingerprint
+            else:
+                handle, fingerprint = None, fetched[1]
+                parquet = pq.ParquetFile(pa.BufferReader(fetched[0]))
+            try:
+                outs = self._open(item, parquet, fingerprint)
+                if isinstance(outs, str):
+                    yield "error", _failed(item, outs, fingerprint=fingerprint)
+                    return
+                for out in outs:
+                    yield from self._rows(parquet, out)
+                    yield "end", out
+            finally:
+                if handle is not None:
+                    handle.close()
+        except storage.VersionChanged as exc:
+            yield "error", _failed(item, str(exc), changed=True)
+        except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
+            yield "error", _failed(item, f"unreadable Parquet: {exc}")
+        except Exception as exc:  # access denied, retries exhausted, replaced mid-read ...: this file fails
+            changed = "pre-conditions" in str(exc) or "PreconditionFailed" in repr(exc.__cause__)
+            yield "error", _failed(item, f"could not read it: {type(exc).__name__}: {exc}", changed=changed)
+
+    def _events(self, items: list[Item]) -> Iterator[tuple[str, Any]]:
+        whole = [i for i in items if i.part is None]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            fetched = pool.map(self._fetch, whole)  # runs ahead: every small file of the pack in flight
+            for item in items:
+                yield from self._read_item(item, next(fetched) if item.part is None else None)
+
+    def _fetch(self, item: Item) -> tuple[bytes, str] | Exception:
+        try:
+            return storage.read_versioned(self._loc(item))
+        except Exception as exc:  # reported by _read_item for this file alone
+            return exc
+
+    # The pipeline.
+
+    def _chunks(self, items: list[Item]) -> Iterator[list[tuple[str, Any]]]:
+        chunk, rows = [], 0
+        for kind, value in self._events(items):
+            if kind == "rows" and isinstance(value, tuple):
+                rows += value[1].num_rows
+            chunk.append((kind, value))
+            if rows >= CHUNK_ROWS:
+                yield chunk
+                chunk, rows = [], 0
+        if chunk:
+            yield chunk
+
+    def _prepare(self, chunk: list[tuple[str, Any]]):
+        """Texts, tokens, truncation flags and skip reasons of a chunk's rows (runs beside the model)."""
+        texts: list[str | None] = []
+        reasons: list[str | None] = []
+        for kind, value in chunk:
+            if kind == "rows":  # files of one pack may type their text column differently
+                t, r = predict.texts_of(value[1].column(self.spec.text_column))
+                texts += t
+                reasons += r
+        marker = self.spec.hooks.get("crash_on_text")
+        if marker and any(t and marker in t for t in texts):
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: an actor that dies on this part every time
+        tokens, truncated = predict.tokenize(self.spec.model, texts, self.spec.max_length)
+        return chunk, tokens, truncated, reasons
+
+    def _label(self, items: list[Item]) -> list[ItemResult]:
+        results: list[ItemResult] = []
+        writes: list[Future] = []
+        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(WRITE_THREADS) as writer:
+            chunks = self._chunks(items)
+            step = lambda: (lambda c: None if c is None else self._prepare(c))(next(chunks, None))  # noqa: E731
+            pending = ahead.submit(step)
+            while (prepared := pending.result()) is not None:
+                pending = ahead.submit(step)  # read and tokenize the next chunk while this one runs
+                self._apply(*prepared, results, writes, writer)
+            results += [w.result() for w in writes]
+        return results
+
+    def _apply(self, chunk, tokens, truncated, reasons, results: list[ItemResult], writes: list[Future], writer) -> None:
+        columns = self.scorer.columns(tokens, self.spec.label_prefix) if tokens else {}
+        p, offset = self.spec.label_prefix, 0
+        for kind, value in chunk:
+            if kind == "error":
+                results.append(value)
+            elif kind == "end":
+                writes.append(writer.submit(self._write, value))
+            else:
+                out, batch = value
+                n = batch.num_rows
+                table = pa.Table.from_batches([batch])
+                for name, column in columns.items():
+                    table = table.append_column(name, column.slice(offset, n))
+                why = reasons[offset:offset + n]
+                cut = truncated[offset:offset + n]
+                skipped = np.array([r is not None for r in why], dtype=bool)
+                table = table.append_column(p + "truncated", pa.array(cut, mask=skipped))
+                out.tables.append(table.append_column(p + "skip_reason", pa.array(why, type=pa.string())))
+                out.rows_in += n
+                out.skipped.update(r for r in why if r is not None)
+                out.truncated += int(cut[~skipped].sum())
+                offset += n
+
+    def _write(self, out: _Out) -> ItemResult:
+        try:
+            table = pa.concat_tables(out.tables)
+            if table.num_rows != out.part.stop - out.part.start:
+                raise RuntimeError(f"read {table.num_rows} rows where the footer says {out.part.stop - out.part.start}")
+            meta = {"input": out.item.input, "input_version": out.fingerprint, "part": f"{out.part.index}/{out.part.count}",
+                    "rows": f"{out.part.start}-{out.part.stop}", "model": self.spec.model_id, "run": self.spec.run,
+                    "rows_in": str(out.rows_in), "rows_skipped": json.dumps(dict(out.skipped)),
+                    "rows_truncated": str(out.truncated)}
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{META + k: v for k, v in meta.items()}})
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            storage.write_bytes(self.out.join(*out.name.split("/")), sink.getvalue())
+            out.tables = []
+            return out.result(rows_out=table.num_rows)
+        except Exception as exc:  # this output (so its file) fails; the run goes on
+            return out.result(error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def adoptable(meta: dict[bytes, bytes] | None) -> dict[str, str] | None:
+    """The textlabel facts of an output file's Parquet metadata (None for a file textlabel did not write)."""
+    if not meta or (META + "input").encode() not in meta:
+        return None
+    return {k.decode()[len(META):]: v.decode() for k, v in meta.items() if k.decode().startswith(META)}
+
+
+def spec_dict(spec: LabellerSpec) -> dict[str, Any]:
+    return asdict(spec)

@@ -1,0 +1,282 @@
+"""Planning a labelling run: pure functions from a listing, the manifest's records and some
+Parquet footers to the units of work. No I/O here (label.py does it), so every rule is
+unit-tested in milliseconds, at any scale.
+
+1. ``select``: which listed files to (re)label: new, changed (another version than
+   recorded), failed or being replaced before; with --relabel, all. Vectorised over Arrow
+   columns, so a million recorded files plan in about a second.
+2. ``split``: a big file is cut into parts of at most --rows-per-file rows and
+   --part-bytes uncompressed bytes, at row-group boundaries, and inside a row group that
+   is too big alone. Each part is one output file, named by ``records.part_name``.
+3. ``make_units``: the actors' work. Each part of a big file is a unit; small files (up
+   to PACK_FILE_BYTES, read whole in one request) are packed together, so a corpus of many
+   small files pays per pack, not per file, for tasks, model batches and scheduling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from textlabel.records import Status, vouched
+
+PACK_FILE_BYTES = 16 << 20  # a file up to this size is read whole and packed with others
+PACK_BYTES = 64 << 20  # most bytes of files in one pack
+PACK_FILES = 1000  # most files in one pack
+UNITS_PER_ACTOR = 4  # packs are made small enough to give every actor a few
+_PART = re.compile(r"^(.*)\.part-\d{5}\.parquet$")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A listed input file version."""
+
+    input: str  # path relative to --input
+    path: str  # path on its filesystem
+    size: int
+    fingerprint: str
+
+
+@dataclass
+class Selection:
+    """What a run has to do, before any file is read."""
+
+    pending: list[Listed]  # to (re)label, in listing order
+    unchanged: int
+    gone: list[str]  # recorded inputs that are no longer listed
+    lost: list[str] = field(default_factory=list)  # recorded as labelled, but an output is missing (only when outputs were listed)
+    orphans: list[str] = field(default_factory=list)  # output files no record vouches for (only when outputs were listed)
+
+
+def relative(listing: pa.Table, root: str) -> pa.Table:
+    """The listing with ``input`` (each path relative to the --input root) in place of ``path``: a
+    million paths cost ~100 MB, and only the pending files' are needed again (``select`` rebuilds them)."""
+    rel = pc.utf8_slice_codeunits(listing["path"], len(root.rstrip("/")) + 1)
+    return listing.drop_columns(["path"]).append_column("input", rel)
+
+
+def _missing_outputs(state: pa.Table, present: pa.Array) -> pa.Array:
+    """Indices of DONE records with an output that is not present."""
+    outputs = state["outputs"].combine_chunks()
+    flat = pc.list_flatten(outputs)
+    parents = pc.list_parent_indices(outputs)
+    missing = pc.unique(parents.filter(pc.invert(pc.is_in(flat, value_set=present))))
+    done = pc.equal(state["status"].cast(pa.string()).take(missing), Status.DONE.value)
+    return missing.filter(done)
+
+
+def _same_version(listed: pa.ChunkedArray, recorded: pa.Array) -> pa.Array:
+    """Listed and recorded fingerprints agree; a record written before local fingerprints had inode and
+    ctime agrees when size and mtime do."""
+    same = pc.fill_null(pc.equal(listed, recorded), False)
+    older = pc.and_(pc.invert(same), pc.fill_null(pc.starts_with(recorded, "size:"), False))
+    if pc.any(older).as_py():  # rare (one night after an upgrade): the regex runs on those rows only
+        rows = pc.indices_nonzero(older)
+        legacy = pc.replace_substring_regex(listed.take(rows), pattern=":ino:.*$", replacement="")
+        matched = np.zeros(len(recorded), dtype=bool)
+        matched[rows.to_numpy()[pc.fill_null(pc.equal(legacy, recorded.take(rows)), False).to_numpy(zero_copy_only=False)]] = True
+        same = pc.or_(same, pa.array(matched))
+    return same
+
+
+def select(listing: pa.Table, state: pa.Table, relabel: bool = False, present: pa.Array | None = None,
+           root: str = "") -> Selection:
+    """The files to label: every listed file not recorded DONE at its listed version (with --relabel, all).
+
+    ``listing``: columns input, size, fingerprint (relative()); ``root``: the --input path the inputs are
+    relative to. ``state``: the manifest's records.
+    ``present``: the output files found (relative to --output), when the outputs were listed;
+    then DONE files missing an output are labelled again, and unvouched outputs are reported.
+    """
+    at = pc.index_in(listing["input"], value_set=state["input"])  # each listed file's record, in listing order
+    recorded = state["fingerprint"].take(at).combine_chunks() if state.num_rows else pa.nulls(listing.num_rows, pa.string())
+    status = state["status"].take(at).cast(pa.string()) if state.num_rows else pa.nulls(listing.num_rows, pa.string())
+    unchanged = pc.and_(_same_version(listing["fingerprint"], recorded), pc.fill_null(pc.equal(status, Status.DONE.value), False))
+    if relabel:
+        unchanged = pc.and_(unchanged, False)
+    lost: list[str] = []
+    if present is not None:
+        lost_rows = pc.and_(unchanged, pc.fill_null(pc.is_in(at, value_set=_missing_outputs(state, present)), False))
+        lost = listing.filter(lost_rows)["input"].to_pylist()
+        unchanged = pc.and_(unchanged, pc.invert(lost_rows))
+    todo = listing.filter(pc.invert(unchanged)).select(["input", "size", "fingerprint"])
+    listed = np.zeros(state.num_rows, dtype=bool)
+    listed[pc.drop_null(at).to_numpy()] = True
+    gone = state.filter(pa.array(~listed))["input"].to_pylist()
+    orphans: list[str] = []
+    if present is not None:
+        orphans = present.filter(pc.invert(pc.is_in(present, value_set=vouched(state)))).to_pylist()
+    pending = [Listed(row["input"], f"{root.rstrip('/')}/{row['input']}" if root else row["input"], row["size"],
+                      row["fingerprint"]) for row in todo.to_pylist()]
+    return Selection(pending, pc.sum(unchanged).as_py() or 0, gone, lost, orphans)
+
+
+def collisions(pending: list[Listed], listed_inputs: pa.Array) -> dict[str, str]:
+    """Inputs named like another input's part (``a.part-00000.parquet`` beside ``a.parquet``): their output
+    names could collide, so they fail with what to do."""
+    named = [(f.input, m.group(1) + ".parquet") for f in pending if (m := _PART.match(f.input))]
+    if not named:
+        return {}
+    taken = pc.is_in(pa.array([base for _, base in named], pa.string()), value_set=listed_inputs).to_pylist()
+    return {name: f"its output name could be a part of {base}'s output; rename it" for (name, base), t in zip(named, taken) if t}
+
+
+@dataclass(frozen=True)
+class Footer:
+    """What a Parquet footer says that planning needs."""
+
+    columns: tuple[str, ...]
+    groups: tuple[tuple[int, int], ...]  # (rows, uncompressed bytes) per row group
+
+    @property
+    def rows(self) -> int:
+        return sum(r for r, _ in self.groups)
+
+    @classmethod
+    def of(cls, meta) -> "Footer":
+        """From a pyarrow.parquet.FileMetaData."""
+        groups = tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
+        return cls(tuple(meta.schema.to_arrow_schema().names), groups)
+
+
+def check_footer(footer: Footer, text_column: str, added: list[str]) -> str | None:
+    """Why a file cannot be labelled, from its footer alone, or None."""
+    if text_column not in footer.columns:
+        return f"no column {text_column!r} (columns: {', '.join(footer.columns)}); pass --text-column"
+    if footer.rows == 0:
+        return "zero rows: nothing to label (an empty export upstream?)"
+    clash = [c for c in added if c in footer.columns]
+    if clash:
+        return f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)"
+    return None
+
+
+def columns_note(columns: tuple[str, ...] | list[str], reference: tuple[str, ...] | list[str] | None) -> str | None:
+    """A note when a file's columns are not the reference file's (it is labelled all the same)."""
+    if reference is None or list(columns) == list(reference):
+        return None
+    extra = [n for n in columns if n not in reference]
+    missing = [n for n in reference if n not in columns]
+    if not extra and not missing:
+        return "columns in another order than the run's first file"
+    return "columns differ from the run's first file: " + "; ".join(
+        s for s in (f"extra {extra}" if extra else "", f"missing {missing}" if missing else "") if s)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Rows [start, stop) of a file, in the row groups ``groups``: part ``index`` of ``count``."""
+
+    index: int
+    count: int
+    start: int
+    stop: int
+    groups: tuple[int, ...]
+
+
+def split(footer: Footer, most_rows: int, most_bytes: int) -> list[PartSpec]:
+    """Cut a file into parts of at most ``most_rows`` rows and about ``most_bytes`` uncompressed bytes."""
+    spans: list[tuple[int, int, list[int]]] = []  # (start, stop, groups)
+    current: list[int] = []
+    start = row = size = 0
+    for g, (n, b) in enumerate(footer.groups):
+        if current and (row + n - start > most_rows or size + b > most_bytes):
+            spans.append((start, row, current))
+            current, start, size = [], row, 0
+        cuts = min(max(1, n), max(1, -(-n // most_rows), -(-b // max(1, most_bytes))))
+        if cuts > 1:  # one row group too big alone: slices of it
+            spans += [(row + n * k // cuts, row + n * (k + 1) // cuts, [g]) for k in range(cuts)]
+            start = row + n
+        else:
+            current.append(g)
+            size += b
+        row += n
+    if current:
+        spans.append((start, row, current))
+    return [PartSpec(k, len(spans), a, z, tuple(gs)) for k, (a, z, gs) in enumerate(spans)]
+
+
+@dataclass
+class Item:
+    """One input file, or one part of it, for an actor to label."""
+
+    input: str
+    path: str
+    size: int
+    fingerprint: str
+    part: PartSpec | None = None  # None: the whole file, read in one request (and split by the actor if big)
+    weight: int = 0  # about how many bytes of the file this item reads (for ordering)
+
+    @property
+    def key(self) -> str:
+        return f"{self.input}#{self.part.index if self.part else '*'}"
+
+
+@dataclass
+class Unit:
+    """The actors' unit of work: a pack of small files, or one part of a big one."""
+
+    id: int
+    items: list[Item]
+
+    @property
+    def bytes(self) -> int:
+        return sum(i.weight for i in self.items)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Unit":
+        doc = json.loads(text)
+        items = [Item(**{**i, "part": PartSpec(**{**i["part"], "groups": tuple(i["part"]["groups"])}) if i["part"] else None})
+                 for i in doc["items"]]
+        return cls(doc["id"], items)
+
+
+def _packs(files: list[Listed], actors: int) -> list[list[Listed]]:
+    """Consecutive runs of files, balanced by bytes: enough packs for every actor to have a few, none over
+    PACK_BYTES or PACK_FILES."""
+    if not files:
+        return []
+    total = sum(f.size for f in files)
+    count = min(len(files), max(UNITS_PER_ACTOR * actors, -(-total // PACK_BYTES), -(-len(files) // PACK_FILES)))
+    packs: list[list[Listed]] = [[]]
+    done = 0
+    for f in files:
+        full = len(packs[-1]) >= PACK_FILES or done + f.size > total * len(packs) / count
+        if packs[-1] and full and len(packs) < count:
+            packs.append([])
+        packs[-1].append(f)
+        done += f.size
+    return packs
+
+
+def is_big(f: Listed, most_bytes: int) -> bool:
+    """A file that is split into parts on the driver (from its footer), not read whole in a pack."""
+    return f.size > min(PACK_FILE_BYTES, most_bytes)
+
+
+def make_units(pending: list[Listed], footers: dict[str, Footer], most_rows: int, most_bytes: int,
+               actors: int) -> list[Unit]:
+    """The units for the pending files: one per part of each big file (is_big: its footer must be in
+    ``footers``), packs of the rest. Biggest first, so the night does not end waiting on one big part."""
+    big = {f.input for f in pending if is_big(f, most_bytes)}
+    units: list[list[Item]] = []
+    for f in pending:
+        if f.input in big:
+            rows = max(1, footers[f.input].rows)
+            units += [[Item(f.input, f.path, f.size, f.fingerprint, p, f.size * (p.stop - p.start) // rows)]
+                      for p in split(footers[f.input], most_rows, most_bytes)]
+    small = [f for f in pending if f.input not in big]
+    units += [[Item(f.input, f.path, f.size, f.fingerprint, None, f.size) for f in pack] for pack in _packs(small, actors)]
+    made = [Unit(0, items) for items in units]
+    made.sort(key=lambda u: -u.bytes)
+    for k, u in enumerate(made):
+        u.id = k
+    return made
