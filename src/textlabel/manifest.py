@@ -99,7 +99,7 @@ class Manifest:
     def load(cls, out: storage.Location) -> "Manifest":
         """The records under ``out`` (none: an empty manifest): newest snapshot plus later segments."""
         folder = out.join(FOLDER)
-        names = [f.path[len(folder.path) + 1:] for f in storage.list_files(folder, "")] if storage.exists(folder) else []
+        names = [f.path[len(folder.path) + 1:] for f in storage.list_files(folder, "")]  # one LIST; none: no manifest
         parsed = sorted((m.group(1), int(m.group(2)), n) for n in names if (m := _NAME.match(n)))
         snapshots = [(e, n) for kind, e, n in parsed if kind == "snapshot"]
         manifest = cls(out)

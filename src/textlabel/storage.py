@@ -105,10 +105,10 @@ def info(loc: Location) -> pafs.FileInfo:
 
 
 def list_files(loc: Location, suffix: str) -> list[pafs.FileInfo]:
-    """Every file under ``loc`` (recursively) whose name ends with ``suffix``, sorted by path;
-    names and folders starting with ``_`` or ``.`` are skipped."""
+    """Every file under ``loc`` (recursively) whose name ends with ``suffix``, sorted by path (none when
+    ``loc`` does not exist); names and folders starting with ``_`` or ``.`` are skipped."""
     try:
-        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        found = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
     except Exception as exc:
         raise _explain(loc.url, exc) from exc
     return sorted(
