@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from textlabel import lease, storage
+from textlabel import conditional, lease, storage
 
 NOW = 1_800_000_000.0
 
@@ -68,7 +68,7 @@ def test_an_expired_lease_is_taken_over_and_its_holder_can_no_longer_commit(tmp_
     record = json.loads((tmp_path / "out" / "_lease.json").read_text())
     (tmp_path / "out" / "_lease.json").unlink()
     elsewhere = {**record, "host": "node-b", "expires_at": time.time() - 1}
-    lease._LocalStore(out.join(lease.NAME)).create(json.dumps(elsewhere).encode())
+    conditional.LocalStore(out.join(lease.NAME)).create(json.dumps(elsewhere).encode())
     taker, why = lease.acquire(out, "run-2", ttl=300)
     assert why.startswith("it expired")
     stuck._write(expires_at=time.time() + 300)  # its next renewal finds the lease taken

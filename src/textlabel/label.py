@@ -42,12 +42,12 @@ import pyarrow.parquet as pq
 from textlabel import data as data_lib
 from textlabel import lease as lease_lib
 from textlabel import model as model_lib
-from textlabel import plan, predict, storage
+from textlabel import plan, predict, storage, sweep
 from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
-from textlabel.labeller import LabellerSpec, PartLabeller, Tracker, adoptable, spec_dict
+from textlabel.labeller import LabellerSpec, PartLabeller, Tracker
 from textlabel.manifest import Manifest
-from textlabel.records import FileOutcome, FileRecord, ItemResult, Status, adopted_record, file_record, keep_old_labels
+from textlabel.records import FileOutcome, FileRecord, ItemResult, Status, file_record, keep_old_labels
 from textlabel.summary import Tally, write_summary
 
 logger = logging.getLogger(__name__)
@@ -120,10 +120,8 @@ def _footer(fs, listed: plan.Listed) -> plan.Footer | str:
     try:
         with fs.open_input_file(listed.path) as fh:
             return plan.Footer.of(pq.ParquetFile(fh).metadata)
-    except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
-        return f"unreadable Parquet: {exc}"
-    except Exception as exc:  # access denied, retries exhausted, ...: this file fails, not the run
-        return f"could not read it: {type(exc).__name__}: {exc}"
+    except Exception as exc:  # this file fails, not the run
+        return plan.read_problem(exc)
 
 
 def _read_footers(night: Night) -> None:
@@ -158,18 +156,9 @@ def _plan(night: Night) -> None:
     cfg, out = night.cfg, night.out
     manifest = night.manifest = Manifest.load(out)
     swept = bool(night.taken_over or not cfg.lease or cfg.verify_outputs or not manifest.found or manifest.legacy)
-    present = None
-    if swept:
-        names = storage.list_table(out, ".parquet")["path"] if storage.exists(out) else pa.array([], pa.string())
-        present = pa.compute.utf8_slice_codeunits(names, len(out.path.rstrip("/")) + 1).combine_chunks() \
-            if isinstance(names, pa.ChunkedArray) else names
-        if len(present) and not manifest.found:
-            raise data_lib.DataError(f"--output {cfg.output} holds Parquet files but no textlabel manifest (_manifest/); "
-                                     "write labels to a prefix of their own")
+    present = sweep.present_outputs(out, manifest.found) if swept else None
     night.selection = plan.select(night.listing, manifest.state, cfg.relabel, present, night.root)
     night.tally.swept = swept
-    if swept:  # half-written local temporary files count as stray outputs
-        night.stray = [p[len(out.path.rstrip("/")) + 1:] for p in storage.local_temp_files(out)]
     _read_footers(night)
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
     model_lib.check_model_dir(cfg.model)
@@ -177,40 +166,9 @@ def _plan(night: Night) -> None:
     _check_manifest(night)
     night.added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
     _check_footers(night)  # again, for files that already have the columns the labels would add
-    _adoptable(night)
+    if swept:
+        night.adopted, night.stray = sweep.adopt(out, night.selection, night.model_id, cfg.relabel)
     night.previous = manifest.records([f.input for f in night.selection.pending])
-
-
-def _adoptable(night: Night) -> None:
-    """Outputs a killed run wrote without its record: complete, current ones are adopted (their files need no
-    labelling); the rest are stray, deleted before labelling. Reads only."""
-    orphans = night.selection.orphans
-    if not orphans:
-        return
-    out = night.out
-
-    def meta(name: str) -> dict[str, str] | None:
-        try:
-            with out.fs.open_input_file(out.join(*name.split("/")).path) as fh:
-                return adoptable(pq.read_metadata(fh).metadata)
-        except Exception:  # unreadable: not ours to keep
-            return None
-
-    with ThreadPoolExecutor(16) as pool:
-        facts = dict(zip(orphans, pool.map(meta, orphans)))
-    pending = {f.input: f for f in night.selection.pending}
-    by_input: dict[str, list[tuple[str, dict[str, str]]]] = {}
-    for name, m in facts.items():
-        if m and m["input"] in pending and not night.cfg.relabel:
-            by_input.setdefault(m["input"], []).append((name, m))
-    for name, outputs in by_input.items():
-        record = adopted_record(dataclasses.asdict(pending[name]), outputs, night.model_id)
-        if record:
-            night.adopted.append(record)
-    kept = {o for r in night.adopted for o in r.outputs}
-    night.stray += [n for n in orphans if n not in kept]
-    adopted = {r.input for r in night.adopted}
-    night.selection.pending = [f for f in night.selection.pending if f.input not in adopted]
 
 
 def _prepare_writes(night: Night) -> None:
@@ -313,7 +271,7 @@ def _label_units(night: Night) -> None:
     tracker = ray.remote(num_cpus=0)(Tracker).remote()
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
-        fn_constructor_kwargs={"spec": spec_dict(_spec(night)), "tracker": tracker},
+        fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
         compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=2),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
     )

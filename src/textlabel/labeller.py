@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from textlabel import predict, storage
-from textlabel.plan import Footer, Item, PartSpec, Unit, check_footer, columns_note, split
-from textlabel.records import ItemResult, part_name
+from textlabel.plan import Footer, Item, PartSpec, Unit, check_footer, columns_note, read_problem, split
+from textlabel.records import OUTPUT_META, ItemResult, part_name
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ CHUNK_ROWS = 1024  # rows tokenized and labelled together
 READ_BYTES = 16 << 20  # about this many uncompressed bytes per read batch of a big part
 READ_THREADS = 8  # concurrent whole-file reads of a pack
 WRITE_THREADS = 4
-META = "textlabel."
 
 
 @dataclass
@@ -231,11 +230,9 @@ class PartLabeller:
                     handle.close()
         except storage.VersionChanged as exc:
             yield "error", _failed(item, str(exc), changed=True)
-        except pa.ArrowInvalid as exc:  # corrupt, cut short, not Parquet: this file fails, not the run
-            yield "error", _failed(item, f"unreadable Parquet: {exc}")
-        except Exception as exc:  # access denied, retries exhausted, replaced mid-read ...: this file fails
+        except Exception as exc:  # this file fails, not the run; a 412 is a replacement during the read
             changed = "pre-conditions" in str(exc) or "PreconditionFailed" in repr(exc.__cause__)
-            yield "error", _failed(item, f"could not read it: {type(exc).__name__}: {exc}", changed=changed)
+            yield "error", _failed(item, read_problem(exc), changed=changed)
 
     def _events(self, items: list[Item]) -> Iterator[tuple[str, Any]]:
         whole = [i for i in items if i.part is None]
@@ -325,7 +322,7 @@ class PartLabeller:
                     "rows": f"{out.part.start}-{out.part.stop}", "model": self.spec.model_id, "run": self.spec.run,
                     "rows_in": str(out.rows_in), "rows_skipped": json.dumps(dict(out.skipped)),
                     "rows_truncated": str(out.truncated)}
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{META + k: v for k, v in meta.items()}})
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{OUTPUT_META + k: v for k, v in meta.items()}})
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
             storage.write_bytes(self.out.join(*out.name.split("/")), sink.getvalue())
@@ -333,14 +330,3 @@ class PartLabeller:
             return out.result(rows_out=table.num_rows)
         except Exception as exc:  # this output (so its file) fails; the run goes on
             return out.result(error=f"{type(exc).__name__}: {exc}"[:2000])
-
-
-def adoptable(meta: dict[bytes, bytes] | None) -> dict[str, str] | None:
-    """The textlabel facts of an output file's Parquet metadata (None for a file textlabel did not write)."""
-    if not meta or (META + "input").encode() not in meta:
-        return None
-    return {k.decode()[len(META):]: v.decode() for k, v in meta.items() if k.decode().startswith(META)}
-
-
-def spec_dict(spec: LabellerSpec) -> dict[str, Any]:
-    return asdict(spec)

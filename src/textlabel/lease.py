@@ -20,7 +20,6 @@ them is refused (``--no-lease`` runs without a lease: then keep runs apart yours
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from textlabel import storage
+from textlabel import conditional, storage
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,6 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """This run's lease was taken over: it must not commit anything more."""
-
-
-class Conflict(Exception):
-    """A conditional write found another version than the one it was conditioned on."""
 
 
 def _boot_id() -> str:
@@ -156,89 +151,6 @@ def takeover_reason(current: LeaseRecord, now: float,
     return f"{why} (run {current.run})" if verdict is False else None
 
 
-class _S3Store:
-    """Conditional writes on S3: If-None-Match to create, If-Match on the ETag to replace."""
-
-    def __init__(self, loc: storage.Location):
-        self.s3 = storage.fsspec_of(loc.fs)
-        self.bucket, _, self.key = loc.path.partition("/")
-
-    def _put(self, data: bytes, **condition: str) -> str:
-        try:
-            return self.s3.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
-        except FileExistsError:
-            raise
-        except OSError as exc:
-            if "PreconditionFailed" in repr(exc.__cause__) or "pre-conditions" in str(exc):
-                raise Conflict(str(exc)) from exc
-            raise
-
-    def create(self, data: bytes) -> str:
-        return self._put(data, IfNoneMatch="*")
-
-    def replace(self, data: bytes, token: str) -> str:
-        return self._put(data, IfMatch=token)
-
-    def read(self) -> tuple[bytes, str] | None:
-        from fsspec.asyn import sync
-
-        async def get() -> tuple[bytes, str]:
-            resp = await self.s3._call_s3("get_object", Bucket=self.bucket, Key=self.key)
-            async with resp["Body"] as body:
-                return await body.read(), resp["ETag"]
-
-        try:
-            return sync(self.s3.loop, get)
-        except FileNotFoundError:
-            return None
-
-    def delete(self) -> None:
-        self.s3.rm_file(f"{self.bucket}/{self.key}")
-
-
-class _LocalStore:
-    """O_EXCL to create; replace compares the file's identity under an flock on a sidecar file."""
-
-    def __init__(self, loc: storage.Location):
-        self.path = loc.path
-
-    @staticmethod
-    def _token(st: os.stat_result) -> str:
-        return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
-
-    def create(self, data: bytes) -> str:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            return self._token(os.fstat(f.fileno()))
-
-    def read(self) -> tuple[bytes, str] | None:
-        try:
-            with open(self.path, "rb") as f:
-                return f.read(), self._token(os.fstat(f.fileno()))
-        except FileNotFoundError:
-            return None
-
-    def replace(self, data: bytes, token: str) -> str:
-        with open(self.path + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.read()
-            if current is None or current[1] != token:
-                raise Conflict(f"{self.path} changed")
-            storage.write_bytes(storage.resolve(self.path), data)
-            return self._token(os.stat(self.path))
-
-    def delete(self) -> None:
-        for path in (self.path, self.path + ".lock"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-
-
 class Lease:
     """A held lease, renewed by a thread until ``release``."""
 
@@ -263,7 +175,7 @@ class Lease:
             try:
                 self.token = _replace(self.store, record, self.token)
                 self.record = record
-            except Conflict:
+            except conditional.Conflict:
                 held = self.store.read()
                 self.lost = LeaseRecord.from_bytes(held[0]).describe() if held else "it was deleted"
 
@@ -293,16 +205,11 @@ def _replace(store: Any, record: LeaseRecord, token: str) -> str:
     """A conditional replace; a retried write that had already taken effect counts as done."""
     try:
         return store.replace(record.to_bytes(), token)
-    except Conflict:
+    except conditional.Conflict:
         held = store.read()
         if held and LeaseRecord.from_bytes(held[0]) == record:
             return held[1]
         raise
-
-
-def _store(out: storage.Location) -> Any:
-    loc = out.join(NAME)
-    return _S3Store(loc) if storage.fsspec_of(loc.fs) is not None else _LocalStore(loc)
 
 
 def _probe(store: Any, record: LeaseRecord, token: str, url: str) -> None:
@@ -316,7 +223,7 @@ def _probe(store: Any, record: LeaseRecord, token: str, url: str) -> None:
     try:
         store.replace(record.to_bytes(), '"textlabel-probe"')
         problems.append("If-Match")
-    except Conflict:
+    except conditional.Conflict:
         pass
     if problems:
         store.delete()
@@ -330,7 +237,7 @@ def acquire(out: storage.Location, run: str, ttl: float, now: Callable[[], float
 
     Raises LeaseHeld, naming the holder, when a live run holds it.
     """
-    store, url = _store(out), out.join(NAME).url
+    store, url = conditional.store_for(out.join(NAME)), out.join(NAME).url
     mine = LeaseRecord.mine(run, now(), ttl)
     taken_over = None
     for _ in range(5):  # a lease deleted between our create and our read: try again
@@ -352,11 +259,11 @@ def acquire(out: storage.Location, run: str, ttl: float, now: Callable[[], float
         try:
             token = _replace(store, mine, held[1])
             break
-        except Conflict:
+        except conditional.Conflict:
             continue  # another run took it first: look again
     else:
         raise LeaseHeld(f"--output {out.url}: could not take the lease {url} after several tries; another run is starting")
-    if isinstance(store, _S3Store):
+    if isinstance(store, conditional.S3Store):  # O_EXCL and flock are honoured by every local disk
         _probe(store, mine, token, url)
     if taken_over:
         logger.warning("took over the lease on %s: %s", out.url, taken_over)

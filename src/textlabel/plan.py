@@ -156,6 +156,13 @@ def check_footer(footer: Footer, text_column: str, added: list[str]) -> str | No
     return None
 
 
+def read_problem(exc: Exception) -> str:
+    """Why a file could not be read, for its failed record: corrupt Parquet, or the storage error."""
+    if isinstance(exc, pa.ArrowInvalid):  # corrupt, cut short, not Parquet
+        return f"unreadable Parquet: {exc}"
+    return f"could not read it: {type(exc).__name__}: {exc}"  # access denied, retries exhausted, ...
+
+
 def columns_note(columns: tuple[str, ...] | list[str], reference: tuple[str, ...] | list[str] | None) -> str | None:
     """A note when a file's columns are not the reference file's (it is labelled all the same)."""
     if reference is None or list(columns) == list(reference):

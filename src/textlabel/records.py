@@ -29,6 +29,7 @@ class Status(str, Enum):
 
 
 VOUCHING = (Status.DONE.value, Status.STALE.value)
+OUTPUT_META = "textlabel."  # prefix of the keys an output file's Parquet metadata records its labelling under
 
 
 def part_name(rel: str, part: int, parts: int) -> str:
