@@ -67,18 +67,18 @@ def test_each_night_labels_only_new_and_changed_files(tiny_model, s3_prefix, tmp
     assert {k: now[k] for k in first} == first and len(now) == 5
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist() + new["id"].to_pylist())
 
-    # A file is replaced upstream with fewer rows, another grows into four row groups: both are
-    # labelled again (the big one in parallel parts) and their old outputs replaced.
+    # A file is replaced upstream with fewer rows, another grows into one row group of 400 rows: both are
+    # labelled again (the big one cut into slices of its row group) and their old outputs replaced.
     smaller = corpus(f"{s3_prefix}/in", [50], first_id=20_000, seed=400, name="part-1-tmp")
     storage.delete(resolve(f"{s3_prefix}/in/part-1-tmp-0.parquet"))
     put_parquet(f"{s3_prefix}/in/part-1.parquet", smaller)
     bigger = easy_rows(400, seed=500).append_column("id", [list(range(30_000, 30_400))])
-    put_parquet(f"{s3_prefix}/in/part-0.parquet", bigger, row_group_size=100)
+    put_parquet(f"{s3_prefix}/in/part-0.parquet", bigger, row_group_size=400)
     assert _label(tiny_model, s3_prefix, "--rows-per-file", 150) == 0
     summary = _summary(s3_prefix)
     assert (summary["files_unchanged"], summary["files_labelled"], summary["rows_out"]) == (3, 2, 450)
     now = _versions(s3_prefix)
-    assert sorted(now) == ["late-0.parquet", "late-1.parquet", *[f"part-0.part-0000{k}.parquet" for k in range(4)],
+    assert sorted(now) == ["late-0.parquet", "late-1.parquet", *[f"part-0.part-0000{k}.parquet" for k in range(3)],
                            "part-1.parquet", "part-2.parquet"]
     assert now["part-2.parquet"] == first["part-2.parquet"] and now["part-1.parquet"] != first["part-1.parquet"]
     expected = bigger["id"].to_pylist() + smaller["id"].to_pylist() + rows["id"].to_pylist()[350:] + new["id"].to_pylist()

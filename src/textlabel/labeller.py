@@ -206,33 +206,38 @@ class PartLabeller:
                     return
 
     def _read_item(self, item: Item, fetched: tuple[bytes, str] | Exception | None) -> Iterator[tuple[str, Any]]:
-        """Events for one item; ``fetched``: a pack file's bytes and the version read (or why not)."""
-        loc = self._loc(item)
+        """Events for one item; ``fetched``: a pack file's bytes and the version read (or why not). A failure
+        gives one error per part not yet read (or one for the item when its parts are not known yet)."""
+        handle, outs, ended = None, [], 0
         try:
             if isinstance(fetched, Exception):
                 raise fetched
             if fetched is None:
-                handle = storage.open_versioned(loc, item.fingerprint)
+                handle = storage.open_versioned(self._loc(item), item.fingerprint)
                 parquet, fingerprint = pq.ParquetFile(handle), item.fingerprint
             else:
-                handle, fingerprint = None, fetched[1]
-                parquet = pq.ParquetFile(pa.BufferReader(fetched[0]))
-            try:
-                outs = self._open(item, parquet, fingerprint)
-                if isinstance(outs, str):
-                    yield "error", _failed(item, outs, fingerprint=fingerprint)
-                    return
-                for out in outs:
-                    yield from self._rows(parquet, out)
-                    yield "end", out
-            finally:
-                if handle is not None:
-                    handle.close()
-        except storage.VersionChanged as exc:
-            yield "error", _failed(item, str(exc), changed=True)
-        except Exception as exc:  # this file fails, not the run; a 412 is a replacement during the read
-            changed = "pre-conditions" in str(exc) or "PreconditionFailed" in repr(exc.__cause__)
-            yield "error", _failed(item, read_problem(exc), changed=changed)
+                parquet, fingerprint = pq.ParquetFile(pa.BufferReader(fetched[0])), fetched[1]
+            opened = self._open(item, parquet, fingerprint)
+            if isinstance(opened, str):
+                yield "error", _failed(item, opened, fingerprint=fingerprint)
+                return
+            outs = opened
+            for out in outs:
+                yield from self._rows(parquet, out)
+                if handle is not None and not storage.still_version(handle, fingerprint):
+                    raise storage.VersionChanged(f"{item.path}: rewritten while it was read")
+                yield "end", out
+                ended += 1
+        except Exception as exc:  # this file fails, not the run; unless it was replaced during the read
+            changed = isinstance(exc, storage.VersionChanged) or "pre-conditions" in str(exc) \
+                or "PreconditionFailed" in repr(exc.__cause__)
+            changed = changed or (handle is not None and not storage.still_version(handle, item.fingerprint))
+            reason = str(exc) if isinstance(exc, storage.VersionChanged) else read_problem(exc)
+            for out in outs[ended:] or [None]:
+                yield "error", out.result(error=reason[:2000], changed=changed) if out else _failed(item, reason, changed)
+        finally:
+            if handle is not None:
+                handle.close()
 
     def _events(self, items: list[Item]) -> Iterator[tuple[str, Any]]:
         whole = [i for i in items if i.part is None]

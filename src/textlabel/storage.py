@@ -281,7 +281,11 @@ def read_versioned(loc: Location) -> tuple[bytes, str]:
     remote = fsspec_of(loc.fs)
     if remote is None:
         with open(loc.path, "rb") as fh:
-            return fh.read(), local_fingerprint(os.fstat(fh.fileno()))
+            version = local_fingerprint(os.fstat(fh.fileno()))
+            data = fh.read()
+            if not still_version(fh, version):  # rewritten in place while read: the bytes may mix versions
+                raise VersionChanged(f"{loc.url}: changed while it was read")
+            return data, version
     from fsspec.asyn import sync
 
     bucket, _, key = loc.path.partition("/")
@@ -294,12 +298,21 @@ def read_versioned(loc: Location) -> tuple[bytes, str]:
     return sync(remote.loop, get)
 
 
+def still_version(handle: Any, fingerprint: str) -> bool:
+    """False when a local file open as ``handle`` was rewritten in place since it had version ``fingerprint``
+    (an S3 handle cannot be: its reads carry If-Match)."""
+    if hasattr(handle, "details"):  # an s3fs file
+        return True
+    return local_fingerprint(os.fstat(handle.fileno())) == fingerprint
+
+
 def open_versioned(loc: Location, fingerprint: str) -> Any:
     """A seekable handle on ``loc`` that reads only the version ``fingerprint``, else VersionChanged.
 
     On S3 every ranged read carries If-Match with the ETag (s3fs does this for files opened for
     reading), so a replacement during the read fails it instead of mixing two versions; on a
-    local disk the open descriptor keeps reading the file it opened.
+    local disk the open descriptor keeps reading the file it opened (a rename over it changes
+    nothing), and still_version tells whether it was rewritten in place meanwhile.
     """
     remote = fsspec_of(loc.fs)
     if remote is None:
