@@ -1,13 +1,16 @@
-"""GPU check: a short fine-tune on every visible GPU and a --use-gpu label run, with figures.
+"""GPU check, in one go (under 8 minutes on one GPU): a short fine-tune on every visible GPU, then the
+labelling job with its defaults (--use-gpu, one actor per GPU) on two models: the fine-tuned
+all-MiniLM-L6-v2 and BERT-base built from its config (random weights: speed does not depend on them).
 
-    python benchmarks/gpu_check.py                      # on a GPU node (or a GPU Ray cluster's head)
-    python benchmarks/gpu_check.py --model bert-base-uncased --label-rows 500000
-    .venv/bin/python benchmarks/gpu_check.py            # no GPU: the same steps, reduced, on CPU
+    python benchmarks/gpu_check.py --json-out gpu.json     # on a GPU node (or a GPU Ray cluster's head)
+    .venv/bin/python benchmarks/gpu_check.py               # no GPU: the same steps, reduced, on CPU
 
-Prints samples/s (training), rows/s (labelling), peak GPU memory, real tokens/s and the
-effective TFLOP/s (FLOPs from ../shared/PERF.md's formula: 2 x non-embedding parameters
-per token plus 4 x layers x length x hidden for attention; training is 3x forward).
-Data is generated: sentences of random words, labelled by which word list dominates.
+Per model and per GPU it reports rows/s, real (unpadded) tokens/s, the padding share, the share of
+the predictor's time it waited for input (reading and tokenizing running behind), peak GPU memory,
+and MFU on real tokens: real tokens/s x FLOPs per token (../shared/PERF.md: 2 x L x (4d^2 + 2 d ff)
++ 4 x L x s x d, s the mean real row length) over the bf16 peak of the detected GPU. "steady" figures
+count the predictors' labelling loop (model + waiting for input); "wall" ones the whole job, with
+Ray and actor start-up. Data is generated: sentences of random words, labelled by which list dominates.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import pyarrow.parquet as pq
 GOOD = "great superb moving brilliant charming excellent delightful fresh".split()
 BAD = "dull tedious awful clumsy lifeless painful boring stale".split()
 FILLER = "the film plot cast story scene music pace ending script camera audience director".split()
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 peak TFLOP/s by device name (PERF.md; vendor data sheets), matched in order.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def make_rows(n: int, seed: int) -> pa.Table:
@@ -42,6 +46,7 @@ def make_rows(n: int, seed: int) -> pa.Table:
 
 
 def flops_per_token(model_dir: str, mean_len: float) -> float:
+    """Forward FLOPs per token (PERF.md): the matrix multiplies plus attention over rows of mean_len tokens."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
@@ -49,8 +54,20 @@ def flops_per_token(model_dir: str, mean_len: float) -> float:
     return 2 * layers * (4 * d * d + 2 * d * ff) + 4 * layers * mean_len * d
 
 
+def bert_base(directory: Path, tokenizer_dir: str) -> str:
+    """BERT-base (L12, d768, ff3072) with random weights and a 2-class head, saved as a Hugging Face model."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1})
+    BertForSequenceClassification(config).save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
+    return str(directory)
+
+
 class GpuMemory(threading.Thread):
-    """Peak device memory in use (all processes), sampled every 0.2 s."""
+    """Peak device memory in use (all processes, above what was in use at the start), sampled every 0.2 s."""
 
     def __init__(self) -> None:
         super().__init__(daemon=True)
@@ -70,36 +87,51 @@ class GpuMemory(threading.Thread):
             time.sleep(0.2)
 
 
+def label_figures(summary: dict, model_dir: str, gpus: int, peak_tflops: float | None, memory: GpuMemory | None) -> dict:
+    """The labelling run's figures per GPU (per CPU node without GPUs)."""
+    inf, pool = summary["inference"], summary["pool"]
+    actors, per = pool["max_actors"], max(gpus, 1)
+    real, rows = inf["real_tokens"], inf["rows"]
+    steady = (inf["model_seconds"] + inf["input_wait_seconds"]) / actors  # one actor's labelling loop
+    per_token = flops_per_token(model_dir, real / max(rows, 1))
+    out = {"rows": summary["rows_out"], "actors": actors, "seconds": summary["seconds"],
+           "rows_per_s_per_gpu": {"wall": round(summary["rows_per_second"] / per, 1), "steady": round(rows / steady / per, 1)},
+           "real_tokens_per_s_per_gpu": {"wall": round(real / summary["seconds"] / per), "steady": round(real / steady / per)},
+           "mean_real_tokens_per_row": round(real / max(rows, 1), 1), "padding_share": inf["padding_share"],
+           "input_wait_share": inf["input_wait_share"], "oom_splits": inf.get("oom_splits", 0),
+           "actor_start_seconds": round(inf.get("init_seconds", 0.0) / actors, 1),
+           "gflop_per_real_token": round(per_token / 1e9, 4),
+           "peak_gpu_memory_gib": round(memory.peak / 2**30, 2) if memory else None}
+    if peak_tflops:
+        out["mfu_real_tokens"] = {k: round(v * per_token / (peak_tflops * 1e12), 4) for k, v in out["real_tokens_per_s_per_gpu"].items()}
+    return out
+
+
 def main() -> None:
     import torch
 
     from textlabel.cli import init_ray, setup_logging
     from textlabel.config import LabelConfig, TrainConfig
     from textlabel.label import run_labelling
-    from textlabel.model import load_tokenizer, local_model_dir
+    from textlabel.model import local_model_dir
     from textlabel.train import run_training
 
     gpus = torch.cuda.device_count()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--train-rows", type=int, default=40_000 if gpus else 400)
-    parser.add_argument("--label-rows", type=int, default=200_000 if gpus else 2_000)
-    parser.add_argument("--batch-size", type=int, default=64 if gpus else 16, help="per worker")
+    parser.add_argument("--model", help="base model to fine-tune (default: the packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--train-rows", type=int, default=20_000 if gpus else 200)
+    parser.add_argument("--label-rows", type=int, default=500_000 if gpus else 1_000, help="rows labelled by each model")
+    parser.add_argument("--bert-base-rows", type=int, help="rows labelled by BERT-base (default: --label-rows; 200 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=64 if gpus else 16, help="training batch per worker")
     parser.add_argument("--json-out", help="also write the figures to this file")
     args = parser.parse_args()
     setup_logging()
     init_ray()
+    started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="textlabel-gpu-check-"))
-    (work / "corpus").mkdir()
     pq.write_table(make_rows(args.train_rows, 0).drop_columns(["id"]), work / "train.parquet")
-    corpus = make_rows(args.label_rows, 1)
-    # Several files: the labelling job's unit of parallel work is a file (or a run of its row groups).
-    for i, start in enumerate(range(0, corpus.num_rows, -(-corpus.num_rows // 8))):
-        pq.write_table(corpus.drop_columns(["label"]).slice(start, -(-corpus.num_rows // 8)), work / "corpus" / f"part-{i}.parquet")
-    model_dir = local_model_dir(args.model)
-    lengths = [len(ids) for ids in load_tokenizer(model_dir)(corpus["text"].to_pylist(), truncation=True, max_length=128)["input_ids"]]
-    tokens_per_row = sum(lengths) / len(lengths)
-    per_token = flops_per_token(model_dir, tokens_per_row)
+    name = torch.cuda.get_device_name(0) if gpus else "CPU"
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
     memory = GpuMemory() if gpus else None
     if memory:
         memory.start()
@@ -108,28 +140,30 @@ def main() -> None:
                                      num_workers=max(gpus, 1) if gpus else 2, use_gpu=bool(gpus), epochs=1,
                                      batch_size=args.batch_size, learning_rate=1e-4))
     epoch = train["epochs"][-1]
-    train_tokens = epoch["train_rows"] * tokens_per_row
-    label = run_labelling(LabelConfig(model=str(work / "run" / "model"), input=str(work / "corpus"),
-                                      output=str(work / "labels"), use_gpu=bool(gpus), num_actors=str(max(gpus, 1)),
-                                      batch_size=256 if gpus else 64))
+    tuned = str(work / "run" / "model")
+    report = {"device": name, "gpus": gpus, "bf16_peak_tflops_per_gpu": peak, "base_model": train["model"],
+              "train": {"workers": train["num_workers"], "samples_per_s": round(epoch["train_rows"] / epoch["train_seconds"], 1),
+                        "samples_per_s_per_worker": round(epoch["samples_per_second_per_worker"], 1),
+                        "val_accuracy": round(epoch["val_accuracy"], 4),
+                        "peak_gpu_memory_gib": round(memory.peak / 2**30, 2) if memory else None},
+              "label": {}}
+    models = {"fine-tuned " + Path(local_model_dir(args.model)).name: (tuned, args.label_rows),
+              "bert-base (random weights)": (bert_base(work / "bert-base", tuned),
+                                             args.bert_base_rows or (args.label_rows if gpus else 200))}
+    for i, (label, (model_dir, rows)) in enumerate(models.items()):
+        corpus = make_rows(rows, 1 + i).drop_columns(["label"])
+        (work / f"corpus-{i}").mkdir()
+        step = -(-rows // 16)  # 16 files: units for every actor
+        for k, start in enumerate(range(0, rows, step)):
+            pq.write_table(corpus.slice(start, step), work / f"corpus-{i}" / f"part-{k:02d}.parquet")
+        if memory:
+            memory.peak = 0
+        summary = run_labelling(LabelConfig(model=model_dir, input=str(work / f"corpus-{i}"), output=str(work / f"labels-{i}"),
+                                            use_gpu=bool(gpus)))
+        report["label"][label] = label_figures(summary, model_dir, gpus, peak, memory)
     if memory:
         memory.running = False
-    name = torch.cuda.get_device_name(0) if gpus else "CPU"
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-    train_tflops = 3 * per_token * train_tokens / epoch["train_seconds"] / 1e12
-    label_tflops = per_token * label["rows_out"] * tokens_per_row / label["seconds"] / 1e12
-    report = {
-        "device": name, "gpus": gpus, "model": train["model"], "tokens_per_row": round(tokens_per_row, 1),
-        "train": {"workers": train["num_workers"], "samples_per_s_per_worker": round(epoch["samples_per_second_per_worker"], 1),
-                  "samples_per_s": round(epoch["train_rows"] / epoch["train_seconds"], 1),
-                  "real_tokens_per_s": round(train_tokens / epoch["train_seconds"]), "effective_tflops": round(train_tflops, 2),
-                  "val_accuracy": round(epoch["val_accuracy"], 4)},
-        "label": {"rows": label["rows_out"], "rows_per_s": label["rows_per_second"],
-                  "real_tokens_per_s": round(label["rows_out"] * tokens_per_row / label["seconds"]),
-                  "effective_tflops": round(label_tflops, 2)},
-        "peak_gpu_memory_gib": round(memory.peak / 2**30, 2) if memory else None,
-        "share_of_bf16_peak": {"train": round(train_tflops / (peak * max(gpus, 1)), 4), "label": round(label_tflops / (peak * max(gpus, 1)), 4)} if peak else None,
-    }
+    report["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

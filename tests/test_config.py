@@ -49,15 +49,19 @@ def test_readme_documents_every_option(repo_root, cls):
     assert options_markdown(cls) in (repo_root / "README.md").read_text()
 
 
-def test_label_pool_size_and_checks():
+def test_label_pool_and_option_checks():
     base = ["--model", "m", "--input", "s3://b/in/", "--output", "s3://b/out/"]
-    assert parse_label(base + ["--num-actors", "2,8"]).pool_size() == (2, 8)
-    assert parse_label(base).pool_size() == (1, 1)
+    assert parse_label(base + ["--num-actors", "2,8"]).actors() == (2, 8)
+    assert parse_label(base).actors() is None  # auto: sized to the cluster when the run starts
+    assert parse_label(base + ["--num-actors", "3"]).actors() == (3, 3)
     with pytest.raises(ConfigError) as err:
         parse_label(["--model", "m", "--input", "s3://b/x/", "--output", "s3://b/x/labels", "--num-actors", "3,1",
-                     "--quantize", "--use-gpu"])
-    for expected in ["--num-actors must be N or MIN,MAX", "--quantize is for CPU", "--output must not be --input or inside it"]:
+                     "--quantize", "--use-gpu", "--max-batch-tokens", "0"])
+    for expected in ["--num-actors must be auto, N or MIN,MAX", "--quantize is for CPU", "--max-batch-tokens must be > 0",
+                     "--output must not be --input or inside it"]:
         assert expected in str(err.value)
+    with pytest.raises(ConfigError, match="--compile is for GPU inference"):
+        parse_label(base + ["--compile"])
 
 
 def parse_label(argv):

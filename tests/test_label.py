@@ -80,25 +80,6 @@ def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case
     assert not storage.exists(resolve(f"{s3_prefix}/out"))
 
 
-def test_length_grouping_gives_the_same_labels_as_one_row_at_a_time(tiny_model):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from textlabel.predict import Predictor, tokenize_batch
-
-    texts = easy_rows(50, seed=7)["text"].to_pylist()
-    texts[3] = "great " * 40  # one long row among short ones
-    batch = tokenize_batch(pa.table({"text": texts, "n": list(range(50))}), tiny_model, "text", 64)
-    out = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=False)(batch)
-    assert out["n"].to_pylist() == list(range(50))  # order restored
-    net = AutoModelForSequenceClassification.from_pretrained(tiny_model).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    with torch.inference_mode():
-        probs = [torch.softmax(net(**tok(t, truncation=True, max_length=64, return_tensors="pt")).logits[0], -1) for t in texts]
-    assert out["label_id"].to_pylist() == [int(p.argmax()) for p in probs]
-    np.testing.assert_allclose(out["score"].to_numpy(), [float(p.max()) for p in probs], rtol=1e-4)
-
-
 def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
     for name in "abc":
         put_parquet(f"{s3_prefix}/in/{name}.parquet", pa.table({"text": ["x"]}))
@@ -107,15 +88,3 @@ def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
     assert code == 2
     assert "3 predictor actors x --cpus-per-actor 1.0 need more than the cluster's 2 CPUs" in caplog.text
     assert not storage.exists(resolve(f"{s3_prefix}/out"))
-
-
-def test_quantized_rows_under_the_margin_are_relabelled_in_full_precision(tiny_model):
-    from textlabel.predict import Predictor, tokenize_batch
-
-    batch = tokenize_batch(pa.table({"text": easy_rows(40, seed=9)["text"]}), tiny_model, "text", 64)
-    full = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=False)(batch)
-    int8 = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=True, recheck_margin=0.0)(batch)
-    rechecked = Predictor(tiny_model, batch_size=8, use_gpu=False, quantize=True, recheck_margin=1.0)(batch)
-    assert not np.array_equal(int8["score"].to_numpy(), full["score"].to_numpy())  # int8 really ran
-    assert rechecked["label_id"].to_pylist() == full["label_id"].to_pylist()
-    np.testing.assert_allclose(rechecked["score"].to_numpy(), full["score"].to_numpy(), rtol=1e-6)

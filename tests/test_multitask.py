@@ -10,7 +10,7 @@ import pytest
 
 from conftest import put_parquet, read_output, two_task_rows, resolve
 from textlabel import storage
-from textlabel.cli import label_main, train_main
+from textlabel.cli import evaluate_main, label_main, train_main
 from textlabel.model import local_model_dir
 
 
@@ -71,12 +71,32 @@ def test_a_multi_task_model_labels_every_task_in_one_pass(two_task, s3_prefix):
         assert np.mean(predicted == np.array(truth[task].to_pylist())) > 0.9
 
 
+def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task, s3_prefix):
+    truth = two_task_rows(300, seed=14, missing=0.2)
+    put_parquet(f"{s3_prefix}/holdout.parquet", truth)
+    model = f"{two_task['prefix']}/run/model"
+    assert evaluate_main(["--model", model, "--data", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/eval",
+                          "--max-length", "32"]) == 0
+    assert label_main(["--model", model, "--input", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/out",
+                       "--max-length", "32", "--label-prefix", "pred_"]) == 0
+    labelled = read_output(f"{s3_prefix}/out")
+    metrics = storage.read_json(resolve(f"{s3_prefix}/eval/metrics.json"))
+    for task in ["sentiment", "topic"]:
+        y_true = np.array(labelled[task].to_pylist(), dtype=object)
+        has = y_true != None  # noqa: E711  (rows with a label for this task)
+        accuracy = np.mean(np.array(labelled[f"pred_{task}_label"].to_pylist(), dtype=object)[has] == y_true[has])
+        assert metrics["tasks"][task]["rows"] == has.sum() < 300
+        assert metrics["tasks"][task]["accuracy"] == pytest.approx(accuracy) and accuracy > 0.9
+        assert storage.exists(resolve(f"{s3_prefix}/eval/{task}/confusion_matrix.png"))
+    assert "[topic](topic/report.md)" in storage.read_bytes(resolve(f"{s3_prefix}/eval/report.md")).decode()
+
+
 def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_task):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
-    from textlabel.predict import Scorer, tokenize
+    from textlabel.predict import Predictor, prepare
 
     model_dir = local_model_dir(f"{two_task['prefix']}/run/model")
     texts = two_task_rows(20, seed=13)["text"].to_pylist()
@@ -89,8 +109,7 @@ def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_ta
         pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
         plain = {t["name"]: [t["labels"][i] for i in (pooled @ heads[f"{t['name']}.weight"].T + heads[f"{t['name']}.bias"]).argmax(-1)]
                  for t in tasks}
-    ids, _ = tokenize(model_dir, texts, 128)
-    ours = Scorer(model_dir, batch_size=8, use_gpu=False, quantize=False).columns(ids)
+    ours = Predictor(model_dir, max_rows=8).label(prepare(model_dir, pa.array(texts), 128))
     assert plain == {"sentiment": ours["sentiment_label"].to_pylist(), "topic": ours["topic_label"].to_pylist()}
 
 

@@ -106,23 +106,74 @@ class TrainConfig:
 
 
 @dataclass
-class LabelConfig:
+class InferenceOptions:
+    """How predictors run: the options the labelling and the evaluation jobs share."""
+
+    text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
+    batch_size: int = _opt(1024, "Most rows per model batch (a cap: --max-batch-tokens cuts most batches).")
+    max_batch_tokens: int | None = _opt(None, "Most padded tokens per model batch (rows x the batch's longest row), rows sorted by length first. Default: 2048 on CPU, 65536 with --use-gpu.")
+    num_actors: str = _opt("auto", "Predictor actors: auto (one per GPU; on CPUs, every core busy), N, or MIN,MAX to autoscale the pool.")
+    cpus_per_actor: float | None = _opt(None, "CPUs reserved per predictor actor. Default: its torch threads on CPU; with --use-gpu, the node's CPUs per GPU less one (at most 8), to read and tokenize ahead.")
+    threads_per_actor: int | None = _opt(None, "Model threads per CPU predictor actor. Default: auto sizing's, else --cpus-per-actor rounded.")
+    runtime: str = _opt("auto", "Model runtime: auto (ONNX Runtime on CPU, torch on GPU), onnx (CPU only) or torch.")
+    use_gpu: bool = _opt(False, "Run predictors on GPUs: bf16 weights, SDPA attention, a batch out of memory split and retried.")
+    gpus_per_actor: float = _opt(1.0, "GPUs per predictor actor with --use-gpu.")
+    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
+    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2.5x faster; see README for its accuracy cost).")
+    recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
+    compile: bool = _opt(False, "With --use-gpu: torch.compile the model (dynamic shapes). Measure first: see README.")
+
+    def actors(self) -> tuple[int, int] | None:
+        """--num-actors as (min, max), or None for auto."""
+        if str(self.num_actors).strip().lower() == "auto":
+            return None
+        parts = [p.strip() for p in str(self.num_actors).split(",")]
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+        if not 1 <= lo <= hi:
+            raise ValueError(self.num_actors)
+        return lo, hi
+
+    def predictor_options(self, threads: int) -> dict[str, Any]:
+        """The keyword arguments of predict.Predictor these options stand for."""
+        return {"use_gpu": self.use_gpu, "quantize": self.quantize, "threads": threads, "recheck_margin": self.recheck_margin,
+                "max_tokens": self.max_batch_tokens, "max_rows": self.batch_size, "compile": self.compile,
+                "runtime": self.runtime}
+
+    def _inference_problems(self) -> list[str]:
+        problems = _positive(self, ["batch_size", "max_length", "gpus_per_actor"])
+        problems += [f"--{n.replace('_', '-')} must be > 0, got {getattr(self, n)}"
+                     for n in ("max_batch_tokens", "cpus_per_actor", "threads_per_actor") if getattr(self, n) is not None and getattr(self, n) <= 0]
+        if not 0.0 <= self.recheck_margin <= 1.0:
+            problems.append(f"--recheck-margin must be in [0, 1], got {self.recheck_margin}")
+        try:
+            self.actors()
+        except ValueError:
+            problems.append(f"--num-actors must be auto, N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
+        if self.quantize and self.use_gpu:
+            problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
+        if self.compile and not self.use_gpu:
+            problems.append("--compile is for GPU inference: pass it with --use-gpu")
+        from textlabel import runtime
+
+        if self.runtime not in runtime.RUNTIMES:
+            problems.append(f"--runtime must be one of {', '.join(runtime.RUNTIMES)}, got {self.runtime!r}")
+        elif self.runtime == "onnx" and self.use_gpu:
+            problems.append("--runtime onnx is for CPU inference; GPUs run torch (drop --runtime or use --runtime torch)")
+        elif self.runtime == "onnx" and not runtime.onnx_installed():
+            problems.append("--runtime onnx needs onnxruntime and onnx: pip install onnxruntime onnx (or --runtime torch)")
+        elif self.runtime == "onnx" and self.compile:
+            problems.append("--compile is for the torch runtime")
+        return problems
+
+
+@dataclass
+class LabelConfig(InferenceOptions):
     """Configuration of the labelling job (``jobs/label.py``)."""
 
     model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
     input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
     output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest/, _summary.json and, while a run lives, _lease.json. Rerunning labels only what is new.", True)
-    text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
     label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
-    batch_size: int = _opt(64, "Rows per model call (length-grouped, padded only to the batch's longest row).")
-    num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX to autoscale the pool.")
-    cpus_per_actor: float = _opt(1.0, "CPUs reserved per predictor actor (torch uses as many threads).")
-    threads_per_actor: int | None = _opt(None, "torch threads per CPU predictor actor. Default: --cpus-per-actor, rounded.")
-    use_gpu: bool = _opt(False, "Run predictors on GPUs, with bf16 autocast.")
-    gpus_per_actor: float = _opt(1.0, "GPUs per predictor actor with --use-gpu.")
-    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
-    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2x faster; see README for its accuracy cost).")
-    recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
     rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...).")
     part_bytes: int = _opt(256 << 20, "Most uncompressed input bytes per part (one output file): bounds an actor's memory; a bigger row group is cut into slices.")
     max_attempts: int = _opt(3, "Times a part may kill its predictor process (out of memory, a crash) before its file is recorded as failed.")
@@ -135,29 +186,11 @@ class LabelConfig:
     commit_every: int = _opt(500, "Records per manifest commit (a commit also happens every --commit-seconds).")
     commit_seconds: float = _opt(10.0, "Most seconds a finished file waits for its record to be committed.")
 
-    def pool_size(self) -> tuple[int, int]:
-        """(min, max) predictor actors from --num-actors."""
-        parts = [p.strip() for p in str(self.num_actors).split(",")]
-        lo, hi = (parts[0], parts[-1]) if len(parts) <= 2 else ("x", "x")
-        return int(lo), int(hi)
-
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
-        problems = _missing_required(self)
-        problems += _positive(self, ["batch_size", "max_length", "cpus_per_actor", "gpus_per_actor", "rows_per_file",
-                                     "part_bytes", "max_attempts", "lease_seconds", "commit_every", "commit_seconds"])
-        if not 0.0 <= self.recheck_margin <= 1.0:
-            problems.append(f"--recheck-margin must be in [0, 1], got {self.recheck_margin}")
-        if self.threads_per_actor is not None and self.threads_per_actor < 1:
-            problems.append(f"--threads-per-actor must be >= 1, got {self.threads_per_actor}")
-        try:
-            lo, hi = self.pool_size()
-            if not 1 <= lo <= hi:
-                raise ValueError
-        except ValueError:
-            problems.append(f"--num-actors must be N or MIN,MAX with 1 <= MIN <= MAX, got {self.num_actors!r}")
-        if self.quantize and self.use_gpu:
-            problems.append("--quantize is for CPU inference; drop it with --use-gpu (GPUs run bf16)")
+        problems = _missing_required(self) + self._inference_problems()
+        problems += _positive(self, ["rows_per_file", "part_bytes", "max_attempts", "lease_seconds", "commit_every",
+                                     "commit_seconds"])
         if self.relabel and self.keep_old_labels:
             problems.append("--relabel and --keep-old-labels contradict each other: pass one")
         inp, out = self.input.rstrip("/"), self.output.rstrip("/")
@@ -168,23 +201,17 @@ class LabelConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(InferenceOptions):
     """Configuration of the evaluation job (``jobs/evaluate.py``)."""
 
     model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
     data: str = _opt("", "Labelled rows: a Parquet file or prefix, or a .csv/.tsv file; local, file:// or s3://.", True)
-    output: str = _opt("", "Where metrics.json, report.md and the PNGs are written.", True)
-    text_column: str = _opt("text", "Column holding the text.")
-    label_column: str = _opt("label", "Column holding the true label (names as in the model's config).")
-    batch_size: int = _opt(64, "Rows per model call.")
-    num_actors: str = _opt("1", "Predictor actors: N, or MIN,MAX.")
-    use_gpu: bool = _opt(False, "Run predictors on GPUs, with bf16 autocast.")
-    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
-    quantize: bool = _opt(False, "CPU only: dynamic int8 quantization (evaluate what the labelling job would label).")
+    output: str = _opt("", "Where metrics.json, report.md and the PNGs are written (per task, in a folder each, for a multi-task model).", True)
+    label_column: str = _opt("label", "Column holding the true label (names as in the model's config). A multi-task model's tasks are read from the columns named like them.")
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
-        problems = _missing_required(self) + _positive(self, ["batch_size", "max_length"])
+        problems = _missing_required(self) + self._inference_problems()
         if self.text_column == self.label_column:
             problems.append(f"--text-column and --label-column are both {self.text_column!r}")
         if problems:
@@ -223,6 +250,12 @@ def _field_types(cls: type) -> dict[str, type]:
     return {f.name: _base_type(hints[f.name]) for f in dataclasses.fields(cls)}
 
 
+def _fields(cls: type) -> list[dataclasses.Field]:
+    """A config's fields, required ones first (a job's own options before the shared inference ones)."""
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.metadata.get("required")] + [f for f in fields if not f.metadata.get("required")]
+
+
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per dataclass field (defaults from the class)."""
     parser = argparse.ArgumentParser(
@@ -230,7 +263,7 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="Read options from YAML (keys are the option names); command-line flags win.")
     types_ = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         flag = "--" + f.name.replace("_", "-")
         tp = types_[f.name]
         default = "" if f.metadata.get("required") or f.default is None else f" (default: {f.default})"
@@ -292,7 +325,7 @@ def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: s
 def options_markdown(cls: type) -> str:
     """The README's option table for a job config (a test keeps the README in step)."""
     lines = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         default = "required" if f.metadata.get("required") else ("" if f.default is None else f"`{f.default}`")
         lines.append(f"| `--{f.name.replace('_', '-')}` | {default} | {f.metadata['help']} |")
     return "\n".join(lines)

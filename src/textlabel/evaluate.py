@@ -1,4 +1,9 @@
-"""The evaluation job: any saved model on any labelled data, through the labelling predictor."""
+"""The evaluation job: any saved model on any labelled data, through the labelling job's predictor.
+
+A plain classifier is scored on --label-column; a multi-task model on each task whose
+name is a column of the data (its rows with a label for that task), with a report per
+task under OUTPUT/<task>/ and a table of the tasks in OUTPUT/report.md.
+"""
 
 from __future__ import annotations
 
@@ -11,50 +16,81 @@ import pyarrow as pa
 
 from textlabel import data as data_lib
 from textlabel import model as model_lib
+from textlabel import pool as pool_lib
 from textlabel import storage
-from textlabel.config import EvaluateConfig, LabelConfig
-from textlabel.predict import add_predictions, check_cluster_fits
+from textlabel.config import EvaluateConfig
+from textlabel.predict import TableLabeller, output_columns
 from textlabel.report import write_report
 
 logger = logging.getLogger(__name__)
+ROWS_PER_BLOCK = 2000
 
 
-def model_labels(model: str) -> list[str]:
-    """The label names of a fine-tuned model, in id order, from its config.json."""
-    from transformers import AutoConfig
+def _read(cfg: EvaluateConfig, tasks: list[model_lib.Task]) -> tuple[pa.Table, dict[str, int]]:
+    """Text and one encoded label column per task (-1 where a row has no label for it)."""
+    if tasks[0].name is None:
+        rows = data_lib.read_labelled(cfg.data, cfg.text_column, cfg.label_column)
+        return pa.table({"text": rows.table["text"], "y:": data_lib.label_ids(rows.table["label"], list(tasks[0].labels),
+                                                                           cfg.data)}), rows.dropped
+    rows = data_lib.read_multilabelled(cfg.data, cfg.text_column, [t.name for t in tasks])
+    ids = {f"y:{t.name}": data_lib.label_ids(rows.table[t.name], list(t.labels), cfg.data) for t in tasks}
+    return pa.table({"text": rows.table["text"], **ids}), rows.dropped
 
-    model_dir = model_lib.local_model_dir(model)
-    if model_lib.is_multitask(model_dir):
-        raise model_lib.ModelError(f"--model {model}: a multi-task model; its per-task evaluation is the training run's "
-                                   "report/ (evaluate.py scores single-task models)")
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    return [config.id2label[i] for i in range(config.num_labels)]
+
+def _predict(cfg: EvaluateConfig, table: pa.Table, tasks: list[model_lib.Task]) -> pa.Table:
+    """The predicted label ids of every row, in row order, through an actor pool of predict.TableLabeller."""
+    from ray.data import ActorPoolStrategy
+
+    blocks = -(-table.num_rows // ROWS_PER_BLOCK)
+    found = pool_lib.cluster()
+    pool = pool_lib.size_pool(cfg.actors(), found, cfg.use_gpu, blocks, cfg.cpus_per_actor, cfg.gpus_per_actor,
+                              cfg.threads_per_actor)
+    pool_lib.check_fits(pool, found)
+    logger.info("predicting %d rows on %d-%d actors x %d torch threads (%s)", table.num_rows, pool.min_actors,
+                pool.max_actors, pool.threads, pool.why)
+    ids = [c for c in output_columns([t.name for t in tasks], "pred_") if c.endswith("label_id")]
+    rows = table.select(["text"]).append_column("row_id", pa.array(np.arange(table.num_rows)))
+    ds = data_lib.to_dataset(rows, blocks).map_batches(
+        TableLabeller, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
+        fn_constructor_kwargs={"model": cfg.model, "text_column": "text", "max_length": cfg.max_length, "prefix": "pred_",
+                               "options": cfg.predictor_options(pool.threads)},
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0)
+    predicted = pa.concat_tables(ds.select_columns(["row_id", *ids]).iter_batches(batch_format="pyarrow")).sort_by("row_id")
+    if predicted.num_rows != table.num_rows:
+        raise RuntimeError(f"predicted {predicted.num_rows} of {table.num_rows} rows; see the Ray Data log above")
+    return predicted.drop_columns(["row_id"]).rename_columns([t.name or "" for t in tasks])
+
+
+def _task_report(out: storage.Location, task: model_lib.Task, y_true: np.ndarray, y_pred: np.ndarray,
+                 texts: np.ndarray) -> dict[str, Any]:
+    has = y_true >= 0  # rows with a label for this task
+    metrics = write_report(out, list(task.labels), y_true[has], y_pred[has], list(texts[has]))
+    return {"rows": int(has.sum()), "labels": list(task.labels), **metrics}
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Predict every labelled row with the model; write metrics.json and the report under --output."""
+    """Predict every labelled row with the model; write metrics.json and the report(s) under --output."""
     start = time.perf_counter()
-    rows = data_lib.read_labelled(cfg.data, cfg.text_column, cfg.label_column)
     model_lib.check_model_dir(cfg.model)
-    labels = model_labels(cfg.model)
-    table = data_lib.encode_labels(rows, labels, cfg.data)
-    table = table.append_column("row_id", pa.array(np.arange(table.num_rows)))
-    label_cfg = LabelConfig(model=cfg.model, input=cfg.data, output=cfg.output, batch_size=cfg.batch_size,
-                            num_actors=cfg.num_actors, use_gpu=cfg.use_gpu, max_length=cfg.max_length,
-                            quantize=cfg.quantize, label_prefix="pred_")
-    label_cfg.validate()
-    check_cluster_fits(label_cfg)
-    ds = data_lib.to_dataset(table, blocks=-(-table.num_rows // 2000))
-    predicted = add_predictions(ds, label_cfg).select_columns(["row_id", "pred_label_id"])
-    predicted = pa.concat_tables(predicted.iter_batches(batch_format="pyarrow")).sort_by("row_id")
-    if predicted.num_rows != table.num_rows:
-        raise RuntimeError(f"predicted {predicted.num_rows} of {table.num_rows} rows; see the Ray Data log above")
-    y_pred = predicted["pred_label_id"].to_numpy()
-    out = storage.resolve(cfg.output)
-    metrics = write_report(out, labels, table["label_id"].to_numpy(), y_pred, table["text"].to_pylist())
-    summary = {"model": cfg.model, "data": cfg.data, "rows": table.num_rows, "dropped_rows": rows.dropped,
-               "labels": labels, "seconds": round(time.perf_counter() - start, 1), **metrics}
+    tasks = model_lib.tasks_of(cfg.model)
+    table, dropped = _read(cfg, tasks)
+    predicted = _predict(cfg, table, tasks)
+    out, texts = storage.resolve(cfg.output), np.array(table["text"].to_pylist(), dtype=object)
+    if tasks[0].name is None:
+        metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts)
+    else:
+        per_task = {t.name: _task_report(out.join(t.name), t, table[f"y:{t.name}"].to_numpy(), predicted[t.name].to_numpy(),
+                                         texts) for t in tasks}
+        metrics = {"tasks": per_task, "accuracy": float(np.mean([m["accuracy"] for m in per_task.values()])),
+                   "macro_f1": float(np.mean([m["macro_f1"] for m in per_task.values()]))}
+        lines = ["# Evaluation report (multi-task)", "", "| task | classes | rows | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| [{n}]({n}/report.md) | {len(m['labels'])} | {m['rows']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |"
+                  for n, m in per_task.items()]
+        storage.write_bytes(out.join("report.md"), ("\n".join(lines) + "\n").encode())
+    summary = {"model": cfg.model, "data": cfg.data, "rows": table.num_rows, "dropped_rows": dropped,
+               "seconds": round(time.perf_counter() - start, 1), **metrics}
     storage.write_json(out.join("metrics.json"), summary)
-    logger.info("accuracy %.4f, macro-F1 %.4f on %d rows; report in %s",
-                metrics["accuracy"], metrics["macro_f1"], table.num_rows, out.join("report.md").url)
+    logger.info("accuracy %.4f, macro-F1 %.4f on %d rows; report in %s", metrics["accuracy"], metrics["macro_f1"],
+                table.num_rows, out.join("report.md").url)
     return summary

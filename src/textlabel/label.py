@@ -43,6 +43,7 @@ from textlabel import data as data_lib
 from textlabel import lease as lease_lib
 from textlabel import model as model_lib
 from textlabel import plan, predict, storage, sweep
+from textlabel import pool as pool_lib
 from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
 from textlabel.labeller import LabellerSpec, PartLabeller, Tracker
@@ -52,7 +53,6 @@ from textlabel.summary import Tally, write_summary
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_COLUMNS = ("label", "label_id", "score", "truncated", "skip_reason")
 SAMPLE = 8  # footers read on the driver to fail fast on a wrong option
 
 
@@ -83,7 +83,7 @@ class Night:
     adopted: list[FileRecord] = field(default_factory=list)  # a killed run's complete outputs, taken as they are
     stray: list[str] = field(default_factory=list)  # outputs no record vouches for, deleted before labelling
     units: list[plan.Unit] = field(default_factory=list)
-    pool: tuple[int, int] = (1, 1)
+    pool: pool_lib.Pool | None = None
     committer: Committer | None = None
     wrote: bool = False  # outputs may have been written: a crash now leaves the lease dirty
 
@@ -164,7 +164,7 @@ def _plan(night: Night) -> None:
     model_lib.check_model_dir(cfg.model)
     night.model_id = model_lib.identity(cfg.model)
     _check_manifest(night)
-    night.added = predict.prediction_columns(cfg.model, cfg.label_prefix) + [cfg.label_prefix + c for c in OUTPUT_COLUMNS[3:]]
+    night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix)
     _check_footers(night)  # again, for files that already have the columns the labels would add
     if swept:
         night.adopted, night.stray = sweep.adopt(out, night.selection, night.model_id, cfg.relabel)
@@ -224,36 +224,34 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
     night.tally.add(record)
 
 
-def _pool(cfg: LabelConfig, units: int) -> tuple[int, int]:
-    """The actor pool's (min, max): no more actors than units."""
-    lo, hi = cfg.pool_size()
-    hi = max(1, min(hi, units))
-    return min(lo, hi), hi
-
-
 def _spec(night: Night) -> LabellerSpec:
     cfg = night.cfg
     reference = next((night.footers[f.input].columns for f in night.selection.pending
                       if f.input in night.footers and f.input not in night.failed), None)  # the first good file's
-    hooks = json.loads(os.environ.get("TEXTLABEL_TEST_HOOKS", "{}"))  # tests only: see labeller.py
+    hooks = json.loads(os.environ.get("TEXTLABEL_TEST_HOOKS", "{}"))  # tests only: see labeller.py and predict.py
     return LabellerSpec(cfg.model, night.model_id, cfg.input, night.run, cfg.output, cfg.text_column, cfg.label_prefix,
-                        night.added, list(reference) if reference else None, cfg.batch_size, cfg.max_length, cfg.use_gpu,
-                        cfg.quantize, cfg.recheck_margin, cfg.threads_per_actor or max(1, round(cfg.cpus_per_actor)),
-                        cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts, hooks)
+                        night.added, list(reference) if reference else None, cfg.max_length,
+                        cfg.predictor_options(night.pool.threads), cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts, hooks)
 
 
 def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:
-    """Cut the pending files into units; when there are any, start Ray and check the pool fits."""
+    """Cut the pending files into units; when there are any, start Ray and size the pool to the cluster."""
     cfg = night.cfg
     pending = [f for f in night.selection.pending if f.input not in night.failed]
-    night.units = plan.make_units(pending, night.footers, cfg.rows_per_file, cfg.part_bytes, cfg.pool_size()[1])
+    explicit = cfg.actors()
+    cores = os.cpu_count() or 1
+    guess = explicit[1] if explicit else max(1, cores // pool_lib.cpu_threads(cores))  # before Ray knows
+    night.units = plan.make_units(pending, night.footers, cfg.rows_per_file, cfg.part_bytes, guess)
     night.tally.units = len(night.units)
     if not night.units:
         return
     if start_ray:
         start_ray()
-    night.pool = _pool(cfg, len(night.units))
-    predict.check_cluster_fits(dataclasses.replace(cfg, num_actors="%d,%d" % night.pool), spare_cpus=0)
+    found = pool_lib.cluster()
+    night.pool = pool_lib.size_pool(explicit, found, cfg.use_gpu, len(night.units), cfg.cpus_per_actor,
+                                    cfg.gpus_per_actor, cfg.threads_per_actor)
+    pool_lib.check_fits(night.pool, found)
+    night.tally.pool = night.pool.as_dict()
 
 
 def _label_units(night: Night) -> None:
@@ -263,22 +261,24 @@ def _label_units(night: Night) -> None:
     import ray
     from ray.data import ActorPoolStrategy
 
-    cfg, (lo, hi) = night.cfg, night.pool
+    cfg, pool = night.cfg, night.pool
     pending = {f.input: f for f in night.selection.pending if f.input not in night.failed}  # what the units hold
-    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest) on %d-%d actors",
-                len(pending), len(night.units), sum(1 for u in night.units if u.items[0].part), lo, hi)
+    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest); pool: %d-%d actors x %g CPUs, "
+                "%d torch threads (%s)", len(pending), len(night.units), sum(1 for u in night.units if u.items[0].part),
+                pool.min_actors, pool.max_actors, pool.cpus_per_actor, pool.threads, pool.why)
     night.wrote = True
     tracker = ray.remote(num_cpus=0)(Tracker).remote()
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi, max_tasks_in_flight_per_actor=2),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=2),
+        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0,
     )
     results: dict[str, list[ItemResult]] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for text in batch["result"].to_pylist():
             r = ItemResult.from_json(text)
+            night.tally.add_stats(r.stats)
             results.setdefault(r.input, []).append(r)
             if len({x.part for x in results[r.input]}) == r.parts:
                 _finish_file(night, pending[r.input], results.pop(r.input))

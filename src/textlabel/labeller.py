@@ -2,9 +2,9 @@
 
 A unit's rows flow through one pipeline, whatever files they come from: read (a pack's
 small files concurrently, one GET each; a big file's part through a handle pinned to its
-listed version), cut into chunks of about CHUNK_ROWS rows (many small files share a chunk,
-so their rows share model batches), tokenized one chunk ahead of the model in a thread,
-labelled, and gathered per output file, which is written in one atomic PUT by a writer
+listed version), cut into windows of WINDOW_ROWS rows (many small files share a window,
+so their rows share model batches), read and tokenized one window ahead of the model in a
+thread, labelled (predict.Predictor: token-budget batches), and gathered per output file, which is written in one atomic PUT by a writer
 thread as soon as its last row is labelled. Each output's Parquet metadata records its
 input, the version read, its part and rows, the model and the counts, so a later run can
 adopt an output whose record a kill lost.
@@ -38,7 +38,7 @@ from textlabel.records import OUTPUT_META, ItemResult, part_name
 
 logger = logging.getLogger(__name__)
 
-CHUNK_ROWS = 1024  # rows tokenized and labelled together
+WINDOW_ROWS = 8192  # rows tokenized together, then sorted by length into token-budget batches
 READ_BYTES = 16 << 20  # about this many uncompressed bytes per read batch of a big part
 READ_THREADS = 8  # concurrent whole-file reads of a pack
 WRITE_THREADS = 4
@@ -57,12 +57,8 @@ class LabellerSpec:
     label_prefix: str
     added_columns: list[str]
     reference_columns: list[str] | None
-    batch_size: int
     max_length: int
-    use_gpu: bool
-    quantize: bool
-    recheck_margin: float
-    threads: int
+    predictor: dict[str, Any]  # predict.Predictor's options
     rows_per_file: int
     part_bytes: int
     max_attempts: int
@@ -120,12 +116,14 @@ class PartLabeller:
     """Ray Data actor (map_batches): a batch of units (JSON) in, one result row per output file out."""
 
     def __init__(self, spec: dict[str, Any], tracker: Any = None):
+        start = time.perf_counter()
         self.spec = LabellerSpec(**spec)
         s = self.spec
-        self.scorer = predict.Scorer(s.model, s.batch_size, s.use_gpu, s.quantize, s.threads, s.recheck_margin)
+        self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks)
         self.out = storage.resolve(s.output)
         self.src = storage.resolve(s.input)
         self.tracker = tracker
+        self.timings: Counter = Counter(init_seconds=time.perf_counter() - start)  # this actor's, sent with results
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [r for text in batch["unit"].to_pylist() for r in self.label_unit(Unit.from_json(text))]
@@ -196,7 +194,7 @@ class PartLabeller:
         row = sum(meta.row_group(g).num_rows for g in range(out.part.groups[0]))
         for g in out.part.groups:
             group = meta.row_group(g)
-            size = max(1, min(16 * self.spec.batch_size, READ_BYTES * max(1, group.num_rows) // max(1, group.total_byte_size)))
+            size = max(1, min(WINDOW_ROWS, READ_BYTES * max(1, group.num_rows) // max(1, group.total_byte_size)))
             for batch in parquet.iter_batches(batch_size=size, row_groups=[g], use_threads=False):
                 lo, hi = max(out.part.start - row, 0), min(out.part.stop - row, batch.num_rows)
                 if hi > lo:
@@ -254,50 +252,71 @@ class PartLabeller:
 
     # The pipeline.
 
-    def _chunks(self, items: list[Item]) -> Iterator[list[tuple[str, Any]]]:
-        chunk, rows = [], 0
+    def _windows(self, items: list[Item]) -> Iterator[list[tuple[str, Any]]]:
+        window, rows = [], 0
         for kind, value in self._events(items):
-            if kind == "rows" and isinstance(value, tuple):
+            if kind == "rows":
                 rows += value[1].num_rows
-            chunk.append((kind, value))
-            if rows >= CHUNK_ROWS:
-                yield chunk
-                chunk, rows = [], 0
-        if chunk:
-            yield chunk
+            window.append((kind, value))
+            if rows >= WINDOW_ROWS:
+                yield window
+                window, rows = [], 0
+        if window:
+            yield window
 
-    def _prepare(self, chunk: list[tuple[str, Any]]):
-        """Texts, tokens, truncation flags and skip reasons of a chunk's rows (runs beside the model)."""
-        texts: list[str | None] = []
-        reasons: list[str | None] = []
-        for kind, value in chunk:
-            if kind == "rows":  # files of one pack may type their text column differently
-                t, r = predict.texts_of(value[1].column(self.spec.text_column))
-                texts += t
-                reasons += r
+    def _prepare(self, window: list[tuple[str, Any]]) -> tuple[list, predict.Prepared]:
+        """A window's rows tokenized (runs beside the model; files of one pack may type their text column
+        differently, so each piece is prepared alone)."""
+        pieces = [predict.prepare(self.spec.model, v[1].column(self.spec.text_column), self.spec.max_length)
+                  for k, v in window if k == "rows"]
         marker = self.spec.hooks.get("crash_on_text")
-        if marker and any(t and marker in t for t in texts):
+        if marker and any(marker in str(x) for k, v in window if k == "rows" for x in v[1].column(self.spec.text_column).to_pylist()):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: an actor that dies on this part every time
-        tokens, truncated = predict.tokenize(self.spec.model, texts, self.spec.max_length)
-        return chunk, tokens, truncated, reasons
+        merged = predict.Prepared([t for p in pieces for t in p.tokens],
+                                  np.concatenate([p.truncated for p in pieces]) if pieces else np.zeros(0, bool),
+                                  [r for p in pieces for r in p.reasons])
+        return window, merged
 
     def _label(self, items: list[Item]) -> list[ItemResult]:
         results: list[ItemResult] = []
         writes: list[Future] = []
+        before = dataclasses.replace(self.predictor.stats)
+        timings = self.timings
+
+        def step():  # read a window, then tokenize it: runs ahead, beside the model
+            start = time.perf_counter()
+            window = next(windows, None)
+            read = time.perf_counter()
+            timings["read_seconds"] += read - start
+            if window is None:
+                return None
+            prepared = self._prepare(window)
+            timings["tokenize_seconds"] += time.perf_counter() - read
+            return prepared
+
         with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(WRITE_THREADS) as writer:
-            chunks = self._chunks(items)
-            step = lambda: (lambda c: None if c is None else self._prepare(c))(next(chunks, None))  # noqa: E731
+            windows = self._windows(items)
             pending = ahead.submit(step)
-            while (prepared := pending.result()) is not None:
-                pending = ahead.submit(step)  # read and tokenize the next chunk while this one runs
+            while True:
+                start = time.perf_counter()
+                prepared = pending.result()
+                timings["input_wait_seconds"] += time.perf_counter() - start  # the model idle, waiting for input
+                if prepared is None:
+                    break
+                pending = ahead.submit(step)  # read and tokenize the next window while this one runs
                 self._apply(*prepared, results, writes, writer)
             results += [w.result() for w in writes]
+        if results:
+            now = self.predictor.stats
+            keys = ("rows", "batches", "real_tokens", "padded_tokens", "model_seconds", "rechecked", "oom_splits")
+            results[0].stats = {k: getattr(now, k) - getattr(before, k) for k in keys} | dict(timings)
+            self.timings = Counter()
         return results
 
-    def _apply(self, chunk, tokens, truncated, reasons, results: list[ItemResult], writes: list[Future], writer) -> None:
-        columns = self.scorer.columns(tokens, self.spec.label_prefix) if tokens else {}
-        p, offset = self.spec.label_prefix, 0
-        for kind, value in chunk:
+    def _apply(self, window, prepared: predict.Prepared, results: list[ItemResult], writes: list[Future], writer) -> None:
+        columns = self.predictor.label(prepared, self.spec.label_prefix) if len(prepared) else {}
+        offset = 0
+        for kind, value in window:
             if kind == "error":
                 results.append(value)
             elif kind == "end":
@@ -308,17 +327,15 @@ class PartLabeller:
                 table = pa.Table.from_batches([batch])
                 for name, column in columns.items():
                     table = table.append_column(name, column.slice(offset, n))
-                why = reasons[offset:offset + n]
-                cut = truncated[offset:offset + n]
-                skipped = np.array([r is not None for r in why], dtype=bool)
-                table = table.append_column(p + "truncated", pa.array(cut, mask=skipped))
-                out.tables.append(table.append_column(p + "skip_reason", pa.array(why, type=pa.string())))
+                why = prepared.reasons[offset:offset + n]
+                out.tables.append(table)
                 out.rows_in += n
                 out.skipped.update(r for r in why if r is not None)
-                out.truncated += int(cut[~skipped].sum())
+                out.truncated += int(np.asarray(prepared.truncated[offset:offset + n])[[r is None for r in why]].sum())
                 offset += n
 
     def _write(self, out: _Out) -> ItemResult:
+        start = time.perf_counter()
         try:
             table = pa.concat_tables(out.tables)
             if table.num_rows != out.part.stop - out.part.start:
@@ -332,6 +349,7 @@ class PartLabeller:
             pq.write_table(table, sink)
             storage.write_bytes(self.out.join(*out.name.split("/")), sink.getvalue())
             out.tables = []
+            self.timings["write_seconds"] += time.perf_counter() - start
             return out.result(rows_out=table.num_rows)
         except Exception as exc:  # this output (so its file) fails; the run goes on
             return out.result(error=f"{type(exc).__name__}: {exc}"[:2000])

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from textlabel import storage
@@ -153,13 +154,78 @@ def load_for_training(model_dir: str, labels: list[str]):
 
 
 def load_classifier(model_dir: str):
-    """A fine-tuned sequence-classification model, ready for inference."""
+    """A fine-tuned sequence-classification model, ready for inference (PyTorch SDPA attention where the
+    architecture has it)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, use_safetensors=True, trust_remote_code=False
-    )
-    return model.eval()
+    return _for_inference(AutoModelForSequenceClassification, model_dir).eval()
+
+
+def _for_inference(cls, model_dir: str):
+    """``cls.from_pretrained`` with PyTorch SDPA attention, or the architecture's own where it has none."""
+    try:
+        return cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
+    except ValueError:
+        return cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One label set of a model: its name (None for a plain single-task classifier) and labels in id order."""
+
+    name: str | None
+    labels: tuple[str, ...]
+
+
+def task_names(model: str | None) -> list[str | None]:
+    """The tasks of a --model, from its textlabel_tasks.json alone (no weights are fetched): [None] for a
+    plain Hugging Face classifier."""
+    if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
+        found = storage.resolve(model).join(TASKS_FILE)
+        if storage.exists(found):
+            return [t["name"] for t in storage.read_json(found)["tasks"]]
+    return [None]
+
+
+def tasks_of(model: str | None) -> list[Task]:
+    """A --model's tasks with their labels, from its config files (the weights are not loaded)."""
+    import json
+
+    from transformers import AutoConfig
+
+    model_dir = local_model_dir(model)
+    if is_multitask(model_dir):
+        with open(os.path.join(model_dir, TASKS_FILE)) as f:
+            return [Task(t["name"], tuple(t["labels"])) for t in json.load(f)["tasks"]]
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return [Task(None, tuple(config.id2label[i] for i in range(config.num_labels)))]
+
+
+def _logits_list():
+    import torch
+
+    class LogitsList(torch.nn.Module):
+        """A Hugging Face sequence classifier seen as a one-task model: a list of one logits tensor."""
+
+        def __init__(self, classifier):
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, input_ids, attention_mask):
+            return [self.classifier(input_ids=input_ids, attention_mask=attention_mask).logits]
+
+    return LogitsList
+
+
+def inference_model(model_dir: str):
+    """A saved model as (module returning a list of logits, one per task; its tasks), in eval mode. This is the
+    one place that tells a plain classifier (one task) from a multi-task model."""
+    if is_multitask(model_dir):
+        net = load_multitask(model_dir)
+        return net, [Task(t["name"], tuple(t["labels"])) for t in net.tasks]
+    classifier = load_classifier(model_dir)
+    config = classifier.config
+    return _logits_list()(classifier).eval(), [Task(None, tuple(config.id2label[i] for i in range(config.num_labels)))]
 
 
 def save(model, tokenizer, directory: str) -> None:
@@ -225,7 +291,7 @@ def load_multitask(model_dir: str):
 
     with open(os.path.join(model_dir, TASKS_FILE)) as f:
         tasks = json.load(f)["tasks"]
-    encoder = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    encoder = _for_inference(AutoModel, model_dir)
     net = _multitask_class()(encoder, tasks)
     heads = load_file(os.path.join(model_dir, HEADS_FILE))
     for t, head in zip(tasks, net.heads):

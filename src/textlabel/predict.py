@@ -1,26 +1,36 @@
-"""Turning texts into labels: tokenizing, the batched (optionally int8) model, and bad rows.
+"""Turning texts into labels: the one inference path of the labelling and the evaluation jobs.
 
-Shared by the labelling job (label.py) and the evaluation job (evaluate.py). Rows go
-through the model sorted by token length, cut into model batches padded only to their
-own longest row, and come back in their order.
+- ``prepare``: a text column to token ids, truncation flags and skip reasons (rows that
+  cannot be labelled keep a reason instead of a label).
+- ``token_batches``: rows sorted by length and cut into batches of at most
+  ``max_tokens`` padded tokens (rows x longest row) and ``max_rows`` rows: one budget gives
+  small batches of long rows and large batches of short ones, and bounds memory.
+- ``Predictor``: a model (a list of tasks: one for a plain Hugging Face classifier) loaded
+  once per process and run by a runtime (runtime.py): fp32 on CPU through ONNX Runtime, int8
+  with ``quantize`` (rows whose top two probabilities are closer than ``recheck_margin`` are
+  labelled again in full precision, all together at the end of a window), bf16 weights with
+  SDPA attention through torch on a GPU, where a batch that runs out of memory is split in
+  two and retried. ``label`` returns the output columns, which
+  ``output_columns`` names: the one definition of them.
+- ``TableLabeller``: the Ray Data callable class the evaluation job maps over its rows.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
-import os
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from textlabel import model as model_lib
-from textlabel.config import ConfigError, LabelConfig
+from textlabel import runtime as runtime_lib
 
 logger = logging.getLogger(__name__)
 
-TOKENS = "__textlabel_input_ids"
 # Why a row got no label. Each is counted in the run's summary and written in the skip_reason column.
 SKIP_REASONS = {
     "null_text": "the text is null",
@@ -32,6 +42,18 @@ SKIP_REASONS = {
 # cannot stall a batch. Ordinary text averages 4-5 characters a token, so the cut never moves
 # the first max_length tokens; a cut row is flagged truncated (it was, by any reading).
 CHARS_PER_TOKEN_CAP = 64
+ROW_COLUMNS = ("truncated", "skip_reason")  # after the tasks' label, label_id, score
+TASK_COLUMNS = ("label", "label_id", "score")
+# Padded tokens per model batch. CPU: 2048 measured fastest for all-MiniLM-L6-v2 (1024 and 4096 slower);
+# GPU: enough to fill an H200 with a BERT-base (see benchmarks/gpu_check.py).
+DEFAULT_MAX_TOKENS = {"cpu": 2048, "gpu": 65536}
+
+
+def output_columns(tasks: list[str | None], prefix: str = "") -> list[str]:
+    """The columns labelling adds, in order: label, label_id, score (``<task>_...`` for each task of a
+    multi-task model), truncated, skip_reason; each after ``prefix``."""
+    names = [f"{prefix}{task + '_' if task else ''}{c}" for task in tasks for c in TASK_COLUMNS]
+    return names + [prefix + c for c in ROW_COLUMNS]
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,31 +62,44 @@ def tokenizer_for(model: str | None):
     return model_lib.load_tokenizer(model_lib.local_model_dir(model))
 
 
+def _text(value) -> tuple[str | None, str | None]:
+    """A cell as text, or None and why it cannot be labelled."""
+    if value is None:
+        return None, "null_text"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "invalid_utf8"
+    if not isinstance(value, str):
+        return None, "not_text"
+    return (None, "blank_text") if not value.strip() else (value, None)
+
+
 def texts_of(column: pa.ChunkedArray | pa.Array) -> tuple[list[str | None], list[str | None]]:
     """The text of each row, or None with the reason it cannot be labelled (SKIP_REASONS)."""
     kind = column.type
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
-        values = column.to_pylist()
-    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
-        values = []
-        for raw in column.to_pylist():
-            try:
-                values.append(raw if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                values.append(b"")  # marker: not None, not str
-    else:
-        reasons = ["null_text" if v is None else "not_text" for v in column.to_pylist()]
-        return [None] * len(reasons), reasons
-    texts: list[str | None] = []
-    reasons: list[str | None] = []
-    for v in values:
-        reason = ("null_text" if v is None else "invalid_utf8" if isinstance(v, bytes)
-                  else "blank_text" if not v.strip() else None)
-        texts.append(None if reason else v)
-        reasons.append(reason)
-    return texts, reasons
+    textual = any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                                            pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
+    values = column.to_pylist()
+    if not textual:  # numbers, lists, ...: nothing here is text
+        return [None] * len(values), ["null_text" if v is None else "not_text" for v in values]
+    pairs = [_text(v) for v in values]
+    return [t for t, _ in pairs], [r for _, r in pairs]
+
+
+@dataclass
+class Prepared:
+    """Rows ready for the model: token ids (None for a row that cannot be labelled)."""
+
+    tokens: list[list[int] | None]
+    truncated: np.ndarray  # bool per row
+    reasons: list[str | None]  # skip reason per row
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tuple[list[list[int] | None], np.ndarray]:
@@ -73,11 +108,12 @@ def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tup
     cap = CHARS_PER_TOKEN_CAP * max_length
     keep = [i for i, t in enumerate(texts) if t is not None]
     cut = [texts[i][:cap] for i in keep]
+    plain = {"padding": False, "return_attention_mask": False, "return_token_type_ids": False}
     # One token more than allowed tells a row that fits from one that must be cut.
-    ids = tok(cut, truncation=True, max_length=max_length + 1, padding=False)["input_ids"] if cut else []
+    ids = tok(cut, truncation=True, max_length=max_length + 1, **plain)["input_ids"] if cut else []
     long = [k for k, row in enumerate(ids) if len(row) > max_length]
     if long:
-        for k, row in zip(long, tok([cut[k] for k in long], truncation=True, max_length=max_length, padding=False)["input_ids"]):
+        for k, row in zip(long, tok([cut[k] for k in long], truncation=True, max_length=max_length, **plain)["input_ids"]):
             ids[k] = row
     out: list[list[int] | None] = [None] * len(texts)
     truncated = np.zeros(len(texts), dtype=bool)
@@ -88,172 +124,160 @@ def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tup
     return out, truncated
 
 
-class Scorer:
-    """A classifier loaded once per process: token ids in, (label id, probability) out."""
+def prepare(model: str | None, column: pa.ChunkedArray | pa.Array, max_length: int) -> Prepared:
+    """A text column, tokenized."""
+    texts, reasons = texts_of(column)
+    tokens, truncated = tokenize(model, texts, max_length)
+    return Prepared(tokens, truncated, reasons)
 
-    def __init__(self, model: str | None, batch_size: int, use_gpu: bool, quantize: bool,
-                 threads: int = 1, recheck_margin: float = 0.0):
+
+def token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> list[np.ndarray]:
+    """Row indices sorted by length, cut into batches of at most ``max_tokens`` padded tokens (rows x the
+    batch's longest row) and ``max_rows`` rows. A row longer than the budget is a batch alone."""
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < max_rows and (stop - start + 1) * lengths[order[stop]] <= max_tokens:
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+@dataclass
+class Stats:
+    """What the model did (summed into the run's summary)."""
+
+    rows: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0  # rows x longest row, summed: what the model computed
+    model_seconds: float = 0.0
+    rechecked: int = 0
+    oom_splits: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Predictor:
+    """A classifier (one or more tasks) loaded once per process: token ids in, probabilities out."""
+
+    def __init__(self, model: str | None, *, use_gpu: bool = False, quantize: bool = False, threads: int = 1,
+                 recheck_margin: float = 0.0, max_tokens: int | None = None, max_rows: int = 1024,
+                 precision: str | None = None, compile: bool = False, runtime: str = "auto", hooks: dict | None = None):
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, threads))
         self.torch = torch
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        model_dir = model_lib.local_model_dir(model)
-        self.multitask = model_lib.is_multitask(model_dir)
-        load = model_lib.load_multitask if self.multitask else model_lib.load_classifier
-        self.net = load(model_dir).to(self.device)
-        self.fast = self.net
-        if quantize:
-            # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
-            from torch.ao.quantization import per_channel_dynamic_qconfig
-
-            self.fast = torch.ao.quantization.quantize_dynamic(
-                load(model_dir), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-            )
+        device = torch.device("cuda" if use_gpu else "cpu")
+        self.precision = precision or ("bf16" if use_gpu else "fp32")
+        self.runtime = runtime_lib.choose(runtime, use_gpu, self.precision)
+        net, self.tasks = model_lib.inference_model(model_lib.local_model_dir(model))
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        net = net.to(device, dtype=dtype)  # cast once: no autocast over fp32 weights
+        if compile:
+            net = torch.compile(net, dynamic=True)
+        self.full, self.fast = runtime_lib.engines(net, len(self.tasks), device, threads, quantize, self.runtime)
+        self.device = device
         self.recheck_margin = recheck_margin if quantize else 0.0
-        if self.multitask:  # one forward pass, every task's head
-            self.tasks = [t["name"] for t in self.net.tasks]
-            self.labels = [np.array(t["labels"], dtype=object) for t in self.net.tasks]
-        else:
-            config = self.net.config
-            self.tasks = [None]
-            self.labels = [np.array([config.id2label[i] for i in range(config.num_labels)], dtype=object)]
+        self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS["gpu" if use_gpu else "cpu"]
+        self.max_rows = max_rows
         self.pad_id = tokenizer_for(model).pad_token_id or 0
-        self.batch_size = batch_size
-        self.use_gpu = use_gpu
+        self.hooks = hooks or {}
+        self.stats = Stats()
+
+    def _arrays(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Padded token ids and attention mask, built without a Python loop per row (a GPU batch has thousands)."""
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        mask = (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
+        ids = np.full(mask.shape, self.pad_id, dtype=np.int64)
+        ids[mask.astype(bool)] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        return ids, mask
 
     def _forward(self, net, rows: list[list[int]]) -> list[np.ndarray]:
-        torch = self.torch
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-            mask[i, : len(r)] = 1
-        inputs = {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_gpu):
-            out = net(**inputs)
-        logits = out if isinstance(out, list) else [out.logits]
-        return [torch.softmax(lg.float(), dim=-1).cpu().numpy() for lg in logits]
+        limit = self.hooks.get("oom_above_tokens")  # test hook: a device with that little memory
+        if limit and len(rows) * max(len(r) for r in rows) > limit:
+            raise self.torch.OutOfMemoryError(f"test hook: {len(rows)} rows over {limit} tokens")
+        probs = []
+        for logits in net(*self._arrays(rows)):
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs.append(e / e.sum(axis=1, keepdims=True))
+        return probs
 
-    def _probabilities(self, rows: list[list[int]]) -> list[np.ndarray]:
-        """int8 probabilities per task, with rows whose top-two margin (in any task) is under
-        recheck_margin redone in full precision."""
-        probs = self._forward(self.fast, rows)
-        if self.recheck_margin > 0:
+    def _run(self, net, rows: list[list[int]]) -> list[np.ndarray]:
+        """Probabilities per task for one batch; a batch that runs out of device memory is split in two."""
+        try:
+            return self._forward(net, rows)
+        except self.torch.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            self.stats.oom_splits += 1
+            if self.device.type == "cuda":
+                self.torch.cuda.empty_cache()
+            half = len(rows) // 2
+            return [np.concatenate(pair) for pair in zip(self._run(net, rows[:half]), self._run(net, rows[half:]))]
+
+    def _pass(self, net, rows: list[list[int]], probs: list[np.ndarray], which: np.ndarray) -> None:
+        lengths = np.array([len(rows[i]) for i in which])
+        for batch in token_batches(lengths, self.max_tokens, self.max_rows):
+            idx = which[batch]
+            for p, q in zip(probs, self._run(net, [rows[i] for i in idx])):
+                p[idx] = q
+            self.stats.batches += 1
+            self.stats.real_tokens += int(lengths[batch].sum())
+            self.stats.padded_tokens += len(batch) * int(lengths[batch].max())
+
+    def probabilities(self, rows: list[list[int]]) -> list[np.ndarray]:
+        """Class probabilities per task (rows x classes), in the order of ``rows``."""
+        start = time.perf_counter()
+        probs = [np.zeros((len(rows), len(t.labels)), dtype=np.float32) for t in self.tasks]
+        everything = np.arange(len(rows))
+        self._pass(self.fast, rows, probs, everything)
+        if self.recheck_margin > 0 and len(rows):
             unsure = np.zeros(len(rows), dtype=bool)
             for p in probs:
                 if p.shape[1] > 1:
                     top2 = np.sort(p, axis=1)[:, -2:]
                     unsure |= top2[:, 1] - top2[:, 0] < self.recheck_margin
-            again = np.flatnonzero(unsure)
-            if len(again):
-                for p, q in zip(probs, self._forward(self.net, [rows[i] for i in again])):
-                    p[again] = q
+            if unsure.any():  # all of a window's unsure rows together: full batches, not a few rows each
+                self._pass(self.full, rows, probs, everything[unsure])
+                self.stats.rechecked += int(unsure.sum())
+        self.stats.rows += len(rows)
+        self.stats.model_seconds += time.perf_counter() - start
         return probs
 
-    def predict(self, tokens: list[list[int] | None]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-        """Per task, label_id and score per row; and which rows were labelled (rows without tokens are not)."""
-        present = np.array([t is not None for t in tokens], dtype=bool)
-        lengths = np.array([len(t) if t is not None else 0 for t in tokens])
-        order = np.flatnonzero(present)[np.argsort(lengths[present], kind="stable")]
-        label_ids = [np.zeros(len(tokens), dtype=np.int64) for _ in self.tasks]
-        scores = [np.zeros(len(tokens), dtype=np.float32) for _ in self.tasks]
-        with self.torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                for label_id, score, probs in zip(label_ids, scores, self._probabilities([tokens[i] for i in idx])):
-                    score[idx] = probs.max(axis=1)
-                    label_id[idx] = probs.argmax(axis=1)
-        return label_ids, scores, present
-
-    def columns(self, tokens: list[list[int] | None], prefix: str = "") -> dict[str, pa.Array]:
-        """label, label_id and score columns (<task>_label, ... per task of a multi-task model);
-        null where a row has no tokens."""
-        label_ids, scores, present = self.predict(tokens)
+    def label(self, prepared: Prepared, prefix: str = "") -> dict[str, pa.Array]:
+        """The output columns (output_columns' names) for prepared rows; null labels where a row has no tokens."""
+        present = np.array([t is not None for t in prepared.tokens], dtype=bool)
+        rows = [t for t in prepared.tokens if t is not None]
+        probs = self.probabilities(rows)
+        names = output_columns([t.name for t in self.tasks], prefix)
+        out: dict[str, pa.Array] = {}
         missing = ~present
-        out = {}
-        for task, labels, label_id, score in zip(self.tasks, self.labels, label_ids, scores):
-            name = prefix + (f"{task}_" if task else "")
-            out[name + "label"] = pa.array(labels[label_id], type=pa.string(), mask=missing)
-            out[name + "label_id"] = pa.array(label_id, mask=missing)
-            out[name + "score"] = pa.array(score, mask=missing)
+        for k, (task, p) in enumerate(zip(self.tasks, probs)):
+            label_id = np.zeros(len(present), dtype=np.int64)
+            score = np.zeros(len(present), dtype=np.float32)
+            label_id[present] = p.argmax(axis=1) if len(rows) else []
+            score[present] = p.max(axis=1) if len(rows) else []
+            labels = np.array(task.labels, dtype=object)
+            label_c, id_c, score_c = names[3 * k: 3 * k + 3]
+            out[label_c] = pa.array(labels[label_id], type=pa.string(), mask=missing)
+            out[id_c] = pa.array(label_id, mask=missing)
+            out[score_c] = pa.array(score, mask=missing)
+        out[names[-2]] = pa.array(prepared.truncated, mask=missing)
+        out[names[-1]] = pa.array(prepared.reasons, type=pa.string())
         return out
 
 
-def prediction_columns(model: str | None, prefix: str = "") -> list[str]:
-    """The columns a model's predictions add: label, label_id, score (per task for a multi-task model).
-    Reads only the model's task list (no weights are fetched)."""
-    from textlabel import storage
+class TableLabeller:
+    """Ray Data callable class (the evaluation job): a table with a text column in, with the output columns."""
 
-    tasks = None
-    if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
-        found = storage.resolve(model).join(model_lib.TASKS_FILE)
-        if storage.exists(found):
-            tasks = [t["name"] for t in storage.read_json(found)["tasks"]]
-    if not tasks:
-        return [prefix + c for c in ("label", "label_id", "score")]
-    return [f"{prefix}{t}_{c}" for t in tasks for c in ("label", "label_id", "score")]
-
-
-# The Ray Data path used by evaluation: a tokenize stage (CPU tasks), then a predictor actor pool.
-
-def tokenize_batch(batch: pa.Table, model: str | None, text_column: str, max_length: int) -> pa.Table:
-    """Add token ids (unpadded, truncated to max_length) for the text column; null text gets none."""
-    ids, _ = tokenize(model, pc.cast(batch[text_column], pa.string()).to_pylist(), max_length)
-    return batch.append_column(TOKENS, pa.array(ids, type=pa.list_(pa.int32())))
-
-
-class Predictor:
-    """Ray Data callable class: a tokenized batch in, the batch with label columns out."""
-
-    def __init__(self, model: str | None, batch_size: int, use_gpu: bool, quantize: bool, prefix: str = "",
-                 threads: int = 1, recheck_margin: float = 0.0):
-        self.scorer = Scorer(model, batch_size, use_gpu, quantize, threads, recheck_margin)
-        self.prefix = prefix
+    def __init__(self, model: str | None, text_column: str, max_length: int, prefix: str, options: dict):
+        self.model, self.text_column, self.max_length, self.prefix = model, text_column, max_length, prefix
+        self.predictor = Predictor(model, **options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = batch.drop_columns([TOKENS])
-        for name, column in self.scorer.columns(batch[TOKENS].to_pylist(), self.prefix).items():
-            out = out.append_column(name, column)
-        return out
-
-
-def add_predictions(ds, cfg: LabelConfig):
-    """Tokenize (CPU tasks) then predict (actor pool) every row of a Ray Dataset, lazily."""
-    from ray.data import ActorPoolStrategy
-
-    lo, hi = cfg.pool_size()
-    ds = ds.map_batches(
-        tokenize_batch, batch_format="pyarrow", batch_size=16 * cfg.batch_size, num_cpus=0.5,
-        fn_kwargs={"model": cfg.model, "text_column": cfg.text_column, "max_length": cfg.max_length},
-    )
-    return ds.map_batches(
-        Predictor, batch_format="pyarrow", batch_size=16 * cfg.batch_size,
-        fn_constructor_kwargs={"model": cfg.model, "batch_size": cfg.batch_size, "use_gpu": cfg.use_gpu,
-                               "quantize": cfg.quantize, "prefix": cfg.label_prefix,
-                               "threads": cfg.threads_per_actor or max(1, round(cfg.cpus_per_actor)),
-                               "recheck_margin": cfg.recheck_margin},
-        compute=ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if cfg.use_gpu else 0,
-    )
-
-
-def check_cluster_fits(cfg: LabelConfig, spare_cpus: float = 1.0) -> None:
-    """Refuse a predictor pool that cannot run (or would starve the other stages) on this one-node cluster."""
-    import ray
-
-    lo, hi = cfg.pool_size()
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus - hi * cfg.cpus_per_actor >= spare_cpus or cfg.use_gpu:
-        return
-    if len([n for n in ray.nodes() if n["Alive"]]) > 1 or cpus == 0:
-        # A cluster with worker nodes (or an autoscaling one with none yet) may grow: warn only.
-        logger.warning("the predictor pool may take all %g CPUs the cluster has now", cpus)
-        return
-    if spare_cpus > 0:
-        need = f"leave less than {spare_cpus:g} of the cluster's {cpus:g} CPUs for reading and tokenizing"
-    else:
-        need = f"need more than the cluster's {cpus:g} CPUs"
-    raise ConfigError([f"{hi} predictor actors x --cpus-per-actor {cfg.cpus_per_actor} {need}; "
-                       "lower --num-actors or --cpus-per-actor"])
+        prepared = prepare(self.model, batch[self.text_column], self.max_length)
+        for name, column in self.predictor.label(prepared, self.prefix).items():
+            batch = batch.append_column(name, column)
+        return batch

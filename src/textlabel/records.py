@@ -118,6 +118,7 @@ class ItemResult:
     error: str | None = None
     changed: bool = False  # the file was replaced while being read: not labelled at any version
     maybe_written: bool = False  # failed after its output may have been written (an unexpected error)
+    stats: dict[str, float] | None = None  # the model's work for the whole unit (on one result of each unit)
     note: str | None = None
     seconds: float = 0.0
 

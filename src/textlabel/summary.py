@@ -38,9 +38,25 @@ class Tally:
     changed: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     records: list[FileRecord] = field(default_factory=list)
+    pool: dict | None = None  # the predictor pool and why (pool.Pool)
+    inference: Counter = field(default_factory=Counter)  # summed predictor figures of every unit
 
     def add(self, record: FileRecord) -> None:
         self.records.append(record)
+
+    def add_stats(self, stats: dict[str, float] | None) -> None:
+        self.inference.update(stats or {})
+
+
+def _inference(totals: Counter) -> dict[str, float] | None:
+    """The model's side of the run: real tokens against padded ones, and how long it waited for input."""
+    if not totals:
+        return None
+    busy = totals["model_seconds"] + totals["input_wait_seconds"]
+    return {**{k: round(v, 3) if isinstance(v, float) else v for k, v in sorted(totals.items())},
+            "padding_share": round(1 - totals["real_tokens"] / totals["padded_tokens"], 4) if totals["padded_tokens"] else 0.0,
+            "input_wait_share": round(totals["input_wait_seconds"] / busy, 4) if busy else 0.0,
+            "real_tokens_per_model_second": round(totals["real_tokens"] / totals["model_seconds"]) if totals["model_seconds"] else 0}
 
 
 def _capped(names: list[str]) -> list[str]:
@@ -78,7 +94,8 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
         "rows_in": sum(r.rows_in for r in done), "rows_out": rows_out,
         "rows_labelled": rows_out - sum(skipped.values()), "rows_skipped_total": sum(skipped.values()),
         "rows_skipped": dict(skipped), "rows_truncated": sum(r.rows_truncated for r in done),
-        "output_files": output_files, "output_rows": output_rows, "units": t.units,
+        "output_files": output_files, "output_rows": output_rows, "units": t.units, "pool": t.pool,
+        "inference": _inference(t.inference),
         "commits": night.committer.commits if night.committer else 0, "manifest": t.manifest,
         "seconds": round(seconds, 2), "rows_per_second": round(rows_out / seconds, 1) if seconds else 0.0,
         "crashed": crashed,
