@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000, help="the smaller size; the larger is 10x")
     parser.add_argument("--model", help="a fine-tuned model directory (default: as label_throughput.py)")
-    parser.add_argument("--job-args", default="--batch-size 64 --threads-per-actor 2 --quantize")
+    parser.add_argument("--job-args", default="--quantize")
     args = parser.parse_args()
     model = ensure_model(args.model)
     small = peak_memory(model, args.rows, args.job_args.split())

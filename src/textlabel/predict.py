@@ -197,7 +197,7 @@ class Predictor:
     def _forward(self, net, rows: list[list[int]]) -> list[np.ndarray]:
         limit = self.hooks.get("oom_above_tokens")  # test hook: a device with that little memory
         if limit and len(rows) * max(len(r) for r in rows) > limit:
-            raise self.torch.OutOfMemoryError(f"test hook: {len(rows)} rows over {limit} tokens")
+            raise self.torch.cuda.OutOfMemoryError(f"test hook: {len(rows)} rows over {limit} tokens")
         probs = []
         for logits in net(*self._arrays(rows)):
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -208,7 +208,7 @@ class Predictor:
         """Probabilities per task for one batch; a batch that runs out of device memory is split in two."""
         try:
             return self._forward(net, rows)
-        except self.torch.OutOfMemoryError:
+        except self.torch.cuda.OutOfMemoryError:
             if len(rows) == 1:
                 raise
             self.stats.oom_splits += 1
