@@ -200,7 +200,7 @@ def test_a_killed_predictor_actor_is_replaced_and_the_run_completes_exactly_once
                                                                                  s3_endpoint, s3_prefix):
     rows = corpus(f"{s3_prefix}/in", [50] * 10)
     held = s3_endpoint.hold("PUT", f"{s3_prefix[5:]}/out/part-")  # the actor, writing its first output
-    job = _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix), wait=False)
+    job = _submit(ray_head, repo_root, _label_args(tiny_model, s3_prefix, "--num-actors", "1"), wait=False)
     held.wait()
     victims = _head_processes(ray_head, "PartLabeller")
     assert len(victims) == 1  # the pool's one actor, killed with a write on the wire

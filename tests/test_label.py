@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from conftest import corpus as make_corpus, easy_rows, put_parquet, read_output, resolve
+from conftest import corpus as make_corpus, put_parquet, read_output, resolve
 from textlabel import storage
 from textlabel.cli import label_main
 

@@ -113,7 +113,7 @@ class InferenceOptions:
     batch_size: int = _opt(1024, "Most rows per model batch (a cap: --max-batch-tokens cuts most batches).")
     max_batch_tokens: int | None = _opt(None, "Most padded tokens per model batch (rows x the batch's longest row), rows sorted by length first. Default: 2048 on CPU, 65536 with --use-gpu.")
     num_actors: str = _opt("auto", "Predictor actors: auto (one per GPU; on CPUs, every core busy), N, or MIN,MAX to autoscale the pool.")
-    cpus_per_actor: float | None = _opt(None, "CPUs reserved per predictor actor. Default: its torch threads on CPU; with --use-gpu, the node's CPUs per GPU less one (at most 8), to read and tokenize ahead.")
+    cpus_per_actor: float | None = _opt(None, "CPUs reserved per predictor actor. Default: its model threads on CPU; with --use-gpu, the node's CPUs per GPU less one (at most 8), to read and tokenize ahead.")
     threads_per_actor: int | None = _opt(None, "Model threads per CPU predictor actor. Default: auto sizing's, else --cpus-per-actor rounded.")
     runtime: str = _opt("auto", "Model runtime: auto (ONNX Runtime on CPU, torch on GPU), onnx (CPU only) or torch.")
     use_gpu: bool = _opt(False, "Run predictors on GPUs: bf16 weights, SDPA attention, a batch out of memory split and retried.")

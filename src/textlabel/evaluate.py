@@ -42,12 +42,7 @@ def _predict(cfg: EvaluateConfig, table: pa.Table, tasks: list[model_lib.Task]) 
     from ray.data import ActorPoolStrategy
 
     blocks = -(-table.num_rows // ROWS_PER_BLOCK)
-    found = pool_lib.cluster()
-    pool = pool_lib.size_pool(cfg.actors(), found, cfg.use_gpu, blocks, cfg.cpus_per_actor, cfg.gpus_per_actor,
-                              cfg.threads_per_actor)
-    pool_lib.check_fits(pool, found)
-    logger.info("predicting %d rows on %d-%d actors x %d torch threads (%s)", table.num_rows, pool.min_actors,
-                pool.max_actors, pool.threads, pool.why)
+    pool = pool_lib.for_job(cfg, blocks)
     ids = [c for c in output_columns([t.name for t in tasks], "pred_") if c.endswith("label_id")]
     rows = table.select(["text"]).append_column("row_id", pa.array(np.arange(table.num_rows)))
     ds = data_lib.to_dataset(rows, blocks).map_batches(

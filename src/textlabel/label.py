@@ -247,10 +247,7 @@ def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:
         return
     if start_ray:
         start_ray()
-    found = pool_lib.cluster()
-    night.pool = pool_lib.size_pool(explicit, found, cfg.use_gpu, len(night.units), cfg.cpus_per_actor,
-                                    cfg.gpus_per_actor, cfg.threads_per_actor)
-    pool_lib.check_fits(night.pool, found)
+    night.pool = pool_lib.for_job(cfg, len(night.units))
     night.tally.pool = night.pool.as_dict()
 
 
@@ -263,9 +260,8 @@ def _label_units(night: Night) -> None:
 
     cfg, pool = night.cfg, night.pool
     pending = {f.input: f for f in night.selection.pending if f.input not in night.failed}  # what the units hold
-    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest); pool: %d-%d actors x %g CPUs, "
-                "%d torch threads (%s)", len(pending), len(night.units), sum(1 for u in night.units if u.items[0].part),
-                pool.min_actors, pool.max_actors, pool.cpus_per_actor, pool.threads, pool.why)
+    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest)", len(pending),
+                len(night.units), sum(1 for u in night.units if u.items[0].part))
     night.wrote = True
     tracker = ray.remote(num_cpus=0)(Tracker).remote()
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(

@@ -2,7 +2,7 @@
 
 ``--num-actors auto`` (the default): on GPUs, one actor per GPU, each with a few CPUs to
 read and tokenize ahead of it; on CPUs, every core busy and none oversubscribed: many actors
-of few torch threads (``cpu_threads``: one thread per actor up to 15 cores, then one more
+of few model threads (``cpu_threads``: one thread per actor up to 15 cores, then one more
 per 8 cores, at most MAX_THREADS), as many actors as fit each node's cores. Processes
 beat threads for encoders this small: on 2 cores, 2 actors x 1 thread labelled 389.5
 rows/s against 372.8 for 1 actor x 2 threads (README, "Measured figures"), and more actors
@@ -20,7 +20,7 @@ from textlabel.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
-MAX_THREADS = 4  # torch threads per CPU actor
+MAX_THREADS = 4  # model threads per CPU actor
 GPU_FEED_CPUS = 8  # most CPUs a GPU actor reserves to read and tokenize ahead
 
 
@@ -109,3 +109,15 @@ def check_fits(pool: Pool, found: Cluster) -> None:
         return
     raise ConfigError([f"{pool.max_actors} predictor actors x --cpus-per-actor {pool.cpus_per_actor} need more than "
                        f"the cluster's {found.cpus:g} CPUs; lower --num-actors or --cpus-per-actor"])
+
+
+def for_job(options, units: int) -> Pool:
+    """The pool a job's inference options (config.InferenceOptions) give for ``units`` units on the running
+    Ray cluster, checked to fit and logged."""
+    found = cluster()
+    pool = size_pool(options.actors(), found, options.use_gpu, units, options.cpus_per_actor, options.gpus_per_actor,
+                     options.threads_per_actor)
+    check_fits(pool, found)
+    logger.info("predictor pool: %d-%d actors x %g CPUs, %d model thread(s) each (%s)", pool.min_actors,
+                pool.max_actors, pool.cpus_per_actor, pool.threads, pool.why)
+    return pool
