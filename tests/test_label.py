@@ -50,6 +50,10 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     summary = storage.read_json(resolve(out).join("_summary.json"))
     assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_labelled"] == 3
     assert summary["rows_skipped"] == {"null_text": 2} and summary["rows_labelled"] == corpus.num_rows - 2
+    assert summary["pool"]["why"].startswith("as asked") and summary["pool"]["cpus_per_actor"] == 0.5
+    inference = summary["inference"]  # what the predictors did: every row with text, in batches of at most 16
+    assert inference["rows"] == corpus.num_rows - 2 and inference["batches"] >= (corpus.num_rows - 2) / 16
+    assert 0 < inference["real_tokens"] <= inference["padded_tokens"] and 0 <= inference["padding_share"] < 0.5
     # One output file per input file, under the same name.
     assert sorted(f.base_name for f in storage.list_files(resolve(out), ".parquet")) == [
         "part-0.parquet", "part-1.parquet", "part-2.parquet"]

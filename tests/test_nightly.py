@@ -328,6 +328,8 @@ def test_many_small_files_are_packed_and_every_row_labelled_once(tiny_model, s3_
 def test_gone_inputs_are_listed_then_pruned_and_a_failed_new_version_keeps_its_old_labels(tiny_model, s3_prefix):
     rows = corpus(f"{s3_prefix}/in", [20, 20, 20])
     assert _label(tiny_model, s3_prefix) == 0
+    pool = _summary(s3_prefix)["pool"]  # no pool flags: sized to the tests' Ray (2 CPUs), recorded with the reason
+    assert (pool["max_actors"], pool["threads"]) == (2, 1) and pool["why"].startswith("2 CPUs on 1 node(s)")
     storage.delete(resolve(f"{s3_prefix}/in/part-2.parquet"))
     storage.write_bytes(resolve(f"{s3_prefix}/in/part-1.parquet"), b"PAR1 not really")  # a broken new version
     assert _label(tiny_model, s3_prefix) == 3
