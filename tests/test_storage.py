@@ -77,3 +77,17 @@ def test_local_fingerprints_see_a_same_size_rewrite_within_the_same_mtime(tmp_pa
     os.replace(replacement, path)
     assert storage.local_fingerprint(os.stat(path)) != first
     assert storage.legacy_fingerprint(first) == f"size:{st.st_size}:mtime_ns:{st.st_mtime_ns}"
+
+
+def test_a_model_retrained_under_the_same_s3_url_is_fetched_again(s3_prefix, tmp_path, monkeypatch):
+    """S3 listings carry no modification time and a retrained model's files keep their sizes: the local copy
+    must follow the files' versions, or a nightly job would label with last week's weights."""
+    from textlabel.model import local_model_dir
+
+    monkeypatch.setenv("TEXTLABEL_CACHE", str(tmp_path))
+    url = f"{s3_prefix}/runs/sentiment/model"
+    storage.write_bytes(resolve(url).join("config.json"), b"{}")
+    for weights in (b"A" * 64, b"B" * 64):
+        storage.write_bytes(resolve(url).join("model.safetensors"), weights)
+        local = local_model_dir(url)
+        assert open(os.path.join(local, "model.safetensors"), "rb").read() == weights

@@ -95,7 +95,10 @@ def _fetch_remote(url: str) -> str:
     src = storage.resolve(url)
     target = storage.cache_root() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
     wanted = _remote_files(url)
-    stamp = hashlib.sha256(repr(sorted((f.path, f.size, f.mtime_ns) for f in wanted)).encode()).hexdigest()
+    # The copy is current when every file's version (S3 ETag) is the one copied: S3 listings carry no mtime,
+    # and a retrained model under the same URL has files of the same sizes.
+    versions = {v["path"]: v["fingerprint"] for v in storage.list_versions(src, "")}
+    stamp = hashlib.sha256(repr(sorted((f.path, f.size, versions.get(f.path)) for f in wanted)).encode()).hexdigest()
     if (target / ".complete").is_file() and (target / ".complete").read_text() == stamp:
         return str(target)
     # Download beside the target, then swap in: concurrent actors on one node never see half a model.
