@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/label_throughput.py                       # shipped SST-2 sample, 40k rows
     .venv/bin/python benchmarks/label_throughput.py --rows 67349 --data ../shared/data/sst2/train.tsv
+    .venv/bin/python benchmarks/label_throughput.py --rounds 0 --long-documents 2000   # the long-document row alone
 
 Both label the same rows (Parquet in, Parquet out) with the same fine-tuned model. Each round
 runs the pipeline script, then every job configuration (with the job's defaults otherwise: the
 pool sized to the machine); --rounds rounds. A job's figures come from its _summary.json, with a
 profile of where its wall time went (per actor: starting, reading, tokenizing, model, writing,
-waiting for input; the rest is Ray and the driver). Without --model, a model is fine-tuned once
+waiting for input; the rest is Ray and the driver). The long-document row labels
+--long-documents documents of 9-25 SST-2 sentences (benchmarks/long_documents.py's "reviews", about
+3 windows of 128 tokens each) with --long-texts truncate and with chunk: rows/s and windows/s. Without --model, a model is fine-tuned once
 from the packaged all-MiniLM-L6-v2 on the shipped SST-2 sample and kept under benchmarks/out/.
 """
 
@@ -29,6 +32,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 # The job's defaults (ONNX Runtime on CPU), int8, and both on the torch runtime side by side.
 JOB_CONFIGS = ["", "--quantize", "--runtime torch", "--quantize --runtime torch"]
 OUT = ROOT / "benchmarks" / "out"
@@ -107,6 +111,28 @@ def profile(summary: dict) -> dict[str, float]:
     return {"wall": summary["seconds"], **per, "ray_and_driver": round(summary["seconds"] - busy, 1)}
 
 
+def long_documents(model: str, docs: int) -> list[dict]:
+    """The job's defaults on long documents, with --long-texts truncate and chunk: rows/s and windows/s."""
+    import random
+
+    from long_documents import DEMO, _sst2, reviews
+
+    texts, _ = reviews(_sst2(DEMO / "sst2_dev.tsv"), docs, random.Random(0))
+    corpus = OUT / "corpus-long"
+    write_corpus(texts, docs, corpus, rows_per_file=250)
+    rows = []
+    for mode in ("truncate", "chunk"):
+        _, summary, job = run_job(model, corpus, OUT / "job-labels-long", ["--long-texts", mode])
+        assert job.num_rows == docs and job["id"].to_pylist() == list(range(docs))
+        inf = summary["inference"]
+        rows.append({"long_texts": mode, "rows": docs, "rows_per_s": summary["rows_per_second"],
+                     "windows_per_s": round(inf["windows"] / summary["seconds"], 1), "windows": inf["windows"],
+                     "rows_truncated": summary["rows_truncated"], "rows_chunked": summary["rows_chunked"],
+                     "real_tokens_per_model_second": inf["real_tokens_per_model_second"], "profile_seconds": profile(summary)})
+        print(f"long documents, --long-texts {mode}: {json.dumps(rows[-1])}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=40_000)
@@ -116,6 +142,7 @@ def main() -> None:
     parser.add_argument("--job-args", action="append",
                         help="jobs/label.py options of one measured configuration; repeatable "
                              f"(default: {' and '.join(repr(c) for c in JOB_CONFIGS)})")
+    parser.add_argument("--long-documents", type=int, default=2000, help="documents in the long-document row (0: none)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -139,15 +166,16 @@ def main() -> None:
                    "profile_seconds": profile(summary)}
             runs[job_args].append(run)
             print(f"round {round_ + 1} job {job_args or '(defaults)'}: {json.dumps(run)}", flush=True)
-    pipe_rate = float(np.mean(pipe_rates))
+    long_rows = long_documents(model, args.long_documents) if args.long_documents else []
+    pipe_rate = float(np.mean(pipe_rates)) if pipe_rates else float("nan")
     jobs = [{"job_args": c or "(defaults)", "rows_per_s": round(float(np.mean([r["rows_per_s"] for r in rs])), 1),
              "speedup": round(float(np.mean([r["rows_per_s"] for r in rs])) / pipe_rate, 2),
              "speedup_per_round": [r["speedup_vs_this_rounds_pipeline"] for r in rs],
              "label_agreement_with_pipeline": min(r["label_agreement_with_pipeline"] for r in rs),
-             "profile_seconds": rs[-1]["profile_seconds"]} for c, rs in runs.items()]
+             "profile_seconds": rs[-1]["profile_seconds"]} for c, rs in runs.items() if rs]
     result = {"rows": args.rows, "files": len(list(corpus.glob("*.parquet"))), "rounds": args.rounds,
               "pipeline_rows_per_s": round(pipe_rate, 1), "pipeline_rows_per_s_per_round": [round(r, 1) for r in pipe_rates],
-              "jobs": jobs, "runs": runs}
+              "jobs": jobs, "runs": runs, "long_documents": long_rows}
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

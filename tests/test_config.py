@@ -102,3 +102,15 @@ def test_tasks_from_repeated_label_columns_or_weighted_yaml(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse(base + ["--label-column", "a", "--label-column", "a"])
     assert "given twice" in str(err.value)
+
+
+def test_long_text_options_on_every_job(tmp_path):
+    base = ["--model", "m", "--input", "s3://b/in/", "--output", "s3://b/out/"]
+    long = parse_label(base + ["--long-texts", "chunk", "--max-length", "256"]).long()
+    assert (long.chunked, long.overlap_for(256), long.max_chunks) == (True, 64, 64)  # a quarter of the window
+    config = tmp_path / "train.yaml"
+    config.write_text("data: d.parquet\noutput: out\nlong_texts: chunk\nchunk_overlap: 0\nmax_chunks: 8\n")
+    assert parse(["--config", str(config)]).long() == type(long)("chunk", 0, 8)
+    with pytest.raises(ConfigError) as err:
+        parse_label(base + ["--long-texts", "split", "--chunk-overlap", "65", "--max-chunks", "0"])
+    assert [p.split(" ")[0] for p in err.value.problems] == ["--long-texts", "--max-chunks", "--chunk-overlap"]

@@ -32,7 +32,25 @@ def _opt(default: Any, help: str, required: bool = False) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class LongTextOptions:
+    """What the jobs do with a text longer than --max-length tokens (chunking.py)."""
+
+    long_texts: str = _opt("truncate", "Texts longer than --max-length tokens: truncate (read the first --max-length tokens; the row is flagged truncated) or chunk (score overlapping windows of --max-length tokens and combine their probabilities; the output gains a chunks column).")
+    chunk_overlap: int | None = _opt(None, "With --long-texts chunk: tokens two consecutive windows share. Default: a quarter of --max-length.")
+    max_chunks: int = _opt(64, "With --long-texts chunk: most windows scored per text (bounds the cost of a huge text); windows past it are counted (chunks_dropped) and the row flagged truncated.")
+
+    def long(self):
+        """These options as chunking.LongTexts."""
+        from textlabel.chunking import LongTexts
+
+        return LongTexts(self.long_texts, self.chunk_overlap, self.max_chunks)
+
+    def _long_text_problems(self) -> list[str]:
+        return self.long().problems(self.max_length)  # type: ignore[attr-defined]
+
+
+@dataclass
+class TrainConfig(LongTextOptions):
     """Configuration of the fine-tuning job (``jobs/train.py``)."""
 
     data: str = _opt("", "Training rows: a Parquet file or prefix (every *.parquet under it), or a .csv/.tsv file; local path, file:// or s3://.", True)
@@ -52,7 +70,7 @@ class TrainConfig:
     warmup_ratio: float = _opt(0.1, "Share of all steps spent warming the learning rate up.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
-    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated. Batches pad to their own longest row.")
+    max_length: int = _opt(128, "Longest tokenized row (special tokens included); longer rows are truncated, or cut into windows with --long-texts chunk. Batches pad to their own longest row.")
     seed: int = _opt(0, "Seed for the split, shuffling and initialisation.")
     max_failures: int = _opt(3, "Worker failures to recover from (from the latest checkpoint) before giving up.")
 
@@ -62,6 +80,7 @@ class TrainConfig:
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "cpus_per_worker"])
+        problems += self._long_text_problems()
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_failures < -1:
@@ -106,7 +125,7 @@ class TrainConfig:
 
 
 @dataclass
-class InferenceOptions:
+class InferenceOptions(LongTextOptions):
     """How predictors run: the options the labelling and the evaluation jobs share."""
 
     text_column: str = _opt("text", "Column holding the text; every other column is copied through.")
@@ -118,7 +137,7 @@ class InferenceOptions:
     runtime: str = _opt("auto", "Model runtime: auto (ONNX Runtime on CPU, torch on GPU), onnx (CPU only) or torch.")
     use_gpu: bool = _opt(False, "Run predictors on GPUs: bf16 weights, SDPA attention, a batch out of memory split and retried.")
     gpus_per_actor: float = _opt(1.0, "GPUs per predictor actor with --use-gpu.")
-    max_length: int = _opt(128, "Longest tokenized row; longer rows are truncated.")
+    max_length: int = _opt(128, "Longest tokenized row (special tokens included): longer rows are truncated, or cut into windows of this size with --long-texts chunk.")
     quantize: bool = _opt(False, "CPU only: dynamic int8 quantization of the model's Linear layers (about 2.5x faster; see README for its accuracy cost).")
     recheck_margin: float = _opt(0.2, "With --quantize: rows whose top-two probabilities are closer than this are labelled again in full precision (0 = never).")
     compile: bool = _opt(False, "With --use-gpu: torch.compile the model (dynamic shapes). Measure first: see README.")
@@ -140,7 +159,7 @@ class InferenceOptions:
                 "runtime": self.runtime}
 
     def _inference_problems(self) -> list[str]:
-        problems = _positive(self, ["batch_size", "max_length", "gpus_per_actor"])
+        problems = _positive(self, ["batch_size", "max_length", "gpus_per_actor"]) + self._long_text_problems()
         problems += [f"--{n.replace('_', '-')} must be > 0, got {getattr(self, n)}"
                      for n in ("max_batch_tokens", "cpus_per_actor", "threads_per_actor") if getattr(self, n) is not None and getattr(self, n) <= 0]
         if not 0.0 <= self.recheck_margin <= 1.0:
@@ -253,7 +272,9 @@ def _field_types(cls: type) -> dict[str, type]:
 def _fields(cls: type) -> list[dataclasses.Field]:
     """A config's fields, required ones first (a job's own options before the shared inference ones)."""
     fields = dataclasses.fields(cls)
-    return [f for f in fields if f.metadata.get("required")] + [f for f in fields if not f.metadata.get("required")]
+    late = {f.name for f in dataclasses.fields(LongTextOptions)}  # a mixin's fields come first in the class: list them last
+    return ([f for f in fields if f.metadata.get("required")] + [f for f in fields if not f.metadata.get("required") and f.name not in late]
+            + [f for f in fields if f.name in late])
 
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:

@@ -7,12 +7,14 @@ task under OUTPUT/<task>/ and a table of the tasks in OUTPUT/report.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from textlabel import data as data_lib
 from textlabel import model as model_lib
@@ -20,7 +22,7 @@ from textlabel import pool as pool_lib
 from textlabel import storage
 from textlabel.config import EvaluateConfig
 from textlabel.predict import TableLabeller, output_columns
-from textlabel.report import write_report
+from textlabel.report import length_groups, write_report
 
 logger = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 2000
@@ -43,25 +45,39 @@ def _predict(cfg: EvaluateConfig, table: pa.Table, tasks: list[model_lib.Task]) 
 
     blocks = -(-table.num_rows // ROWS_PER_BLOCK)
     pool = pool_lib.for_job(cfg, blocks)
-    ids = [c for c in output_columns([t.name for t in tasks], "pred_") if c.endswith("label_id")]
+    chunked = cfg.long().chunked
+    ids = [c for c in output_columns([t.name for t in tasks], "pred_", chunked) if c.endswith("label_id")]
+    extra = ["pred_truncated"] + (["pred_chunks"] if chunked else [])
     rows = table.select(["text"]).append_column("row_id", pa.array(np.arange(table.num_rows)))
     ds = data_lib.to_dataset(rows, blocks).map_batches(
         TableLabeller, batch_format="pyarrow", batch_size=ROWS_PER_BLOCK,
         fn_constructor_kwargs={"model": cfg.model, "text_column": "text", "max_length": cfg.max_length, "prefix": "pred_",
-                               "options": cfg.predictor_options(pool.threads)},
+                               "options": cfg.predictor_options(pool.threads),
+                               "long_texts": dataclasses.asdict(cfg.long())},
         compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0)
-    predicted = pa.concat_tables(ds.select_columns(["row_id", *ids]).iter_batches(batch_format="pyarrow")).sort_by("row_id")
+    predicted = pa.concat_tables(ds.select_columns(["row_id", *ids, *extra]).iter_batches(batch_format="pyarrow")).sort_by("row_id")
     if predicted.num_rows != table.num_rows:
         raise RuntimeError(f"predicted {predicted.num_rows} of {table.num_rows} rows; see the Ray Data log above")
-    return predicted.drop_columns(["row_id"]).rename_columns([t.name or "" for t in tasks])
+    return predicted.drop_columns(["row_id"]).rename_columns([t.name or "" for t in tasks] + [c[len("pred_"):] for c in extra])
 
 
 def _task_report(out: storage.Location, task: model_lib.Task, y_true: np.ndarray, y_pred: np.ndarray,
-                 texts: np.ndarray) -> dict[str, Any]:
+                 texts: np.ndarray, predicted: pa.Table) -> dict[str, Any]:
     has = y_true >= 0  # rows with a label for this task
-    metrics = write_report(out, list(task.labels), y_true[has], y_pred[has], list(texts[has]))
+    chunks = predicted["chunks"].to_numpy(zero_copy_only=False)[has] if "chunks" in predicted.column_names else None
+    truncated = predicted["truncated"].fill_null(False).to_numpy(zero_copy_only=False)[has]
+    groups = length_groups(y_true[has], y_pred[has], chunks, truncated)
+    metrics = write_report(out, list(task.labels), y_true[has], y_pred[has], list(texts[has]), by_length=groups)
     return {"rows": int(has.sum()), "labels": list(task.labels), **metrics}
+
+
+def _long_text_counts(cfg: EvaluateConfig, predicted: pa.Table) -> dict[str, Any]:
+    counts = {"mode": cfg.long_texts, "rows_truncated": pc.sum(predicted["truncated"]).as_py() or 0}
+    if cfg.long().chunked:
+        counts |= {"rows_chunked": pc.sum(pc.greater(predicted["chunks"], 1)).as_py() or 0,
+                   "windows": pc.sum(predicted["chunks"]).as_py() or 0}
+    return counts
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -73,10 +89,10 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
     predicted = _predict(cfg, table, tasks)
     out, texts = storage.resolve(cfg.output), np.array(table["text"].to_pylist(), dtype=object)
     if tasks[0].name is None:
-        metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts)
+        metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts, predicted)
     else:
         per_task = {t.name: _task_report(out.join(t.name), t, table[f"y:{t.name}"].to_numpy(), predicted[t.name].to_numpy(),
-                                         texts) for t in tasks}
+                                         texts, predicted) for t in tasks}
         metrics = {"tasks": per_task, "accuracy": float(np.mean([m["accuracy"] for m in per_task.values()])),
                    "macro_f1": float(np.mean([m["macro_f1"] for m in per_task.values()]))}
         lines = ["# Evaluation report (multi-task)", "", "| task | classes | rows | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
@@ -85,7 +101,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
         storage.write_bytes(out.join("report.md"), ("\n".join(lines) + "\n").encode())
     summary = {"model": cfg.model, "data": cfg.data, "rows": table.num_rows, "dropped_rows": dropped,
                "seconds": round(time.perf_counter() - start, 1), **metrics}
+    summary["long_texts"] = _long_text_counts(cfg, predicted)
     storage.write_json(out.join("metrics.json"), summary)
-    logger.info("accuracy %.4f, macro-F1 %.4f on %d rows; report in %s", metrics["accuracy"], metrics["macro_f1"],
-                table.num_rows, out.join("report.md").url)
+    logger.info("accuracy %.4f, macro-F1 %.4f on %d rows (%s); report in %s", metrics["accuracy"], metrics["macro_f1"],
+                table.num_rows, ", ".join(f"{k} {v}" for k, v in summary["long_texts"].items()), out.join("report.md").url)
     return summary

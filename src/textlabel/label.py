@@ -164,7 +164,7 @@ def _plan(night: Night) -> None:
     model_lib.check_model_dir(cfg.model)
     night.model_id = model_lib.identity(cfg.model)
     _check_manifest(night)
-    night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix)
+    night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix, cfg.long().chunked)
     _check_footers(night)  # again, for files that already have the columns the labels would add
     if swept:
         night.adopted, night.stray = sweep.adopt(out, night.selection, night.model_id, cfg.relabel)
@@ -231,7 +231,8 @@ def _spec(night: Night) -> LabellerSpec:
     hooks = json.loads(os.environ.get("TEXTLABEL_TEST_HOOKS", "{}"))  # tests only: see labeller.py and predict.py
     return LabellerSpec(cfg.model, night.model_id, cfg.input, night.run, cfg.output, cfg.text_column, cfg.label_prefix,
                         night.added, list(reference) if reference else None, cfg.max_length,
-                        cfg.predictor_options(night.pool.threads), cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts, hooks)
+                        cfg.predictor_options(night.pool.threads), cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts,
+                        long_texts=dataclasses.asdict(cfg.long()), hooks=hooks)
 
 
 def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:

@@ -62,6 +62,7 @@ class LabellerSpec:
     rows_per_file: int
     part_bytes: int
     max_attempts: int
+    long_texts: dict[str, Any] = field(default_factory=dict)  # chunking.LongTexts' fields
     hooks: dict[str, str] = field(default_factory=dict)  # test-only fault hooks (TEXTLABEL_TEST_HOOKS)
 
 
@@ -120,6 +121,7 @@ class PartLabeller:
         self.spec = LabellerSpec(**spec)
         s = self.spec
         self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks)
+        self.long = predict.LongTexts(**s.long_texts)
         self.out = storage.resolve(s.output)
         self.src = storage.resolve(s.input)
         self.tracker = tracker
@@ -267,15 +269,12 @@ class PartLabeller:
     def _prepare(self, window: list[tuple[str, Any]]) -> tuple[list, predict.Prepared]:
         """A window's rows tokenized (runs beside the model; files of one pack may type their text column
         differently, so each piece is prepared alone)."""
-        pieces = [predict.prepare(self.spec.model, v[1].column(self.spec.text_column), self.spec.max_length)
+        pieces = [predict.prepare(self.spec.model, v[1].column(self.spec.text_column), self.spec.max_length, self.long)
                   for k, v in window if k == "rows"]
         marker = self.spec.hooks.get("crash_on_text")
         if marker and any(marker in str(x) for k, v in window if k == "rows" for x in v[1].column(self.spec.text_column).to_pylist()):
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: an actor that dies on this part every time
-        merged = predict.Prepared([t for p in pieces for t in p.tokens],
-                                  np.concatenate([p.truncated for p in pieces]) if pieces else np.zeros(0, bool),
-                                  [r for p in pieces for r in p.reasons])
-        return window, merged
+        return window, predict.Prepared.concat(pieces, self.long.chunked)
 
     def _label(self, items: list[Item]) -> list[ItemResult]:
         results: list[ItemResult] = []
@@ -308,7 +307,8 @@ class PartLabeller:
             results += [w.result() for w in writes]
         if results:
             now = self.predictor.stats
-            keys = ("rows", "batches", "real_tokens", "padded_tokens", "model_seconds", "rechecked", "oom_splits")
+            keys = ("rows", "windows", "chunked_rows", "chunks_dropped", "batches", "real_tokens", "padded_tokens",
+                    "model_seconds", "rechecked", "oom_splits")
             results[0].stats = {k: getattr(now, k) - getattr(before, k) for k in keys} | dict(timings)
             self.timings = Counter()
         return results

@@ -1,7 +1,8 @@
 """Turning texts into labels: the one inference path of the labelling and the evaluation jobs.
 
-- ``prepare``: a text column to token ids, truncation flags and skip reasons (rows that
-  cannot be labelled keep a reason instead of a label).
+- ``prepare``: a text column to the token windows the model scores (one per row, or with
+  ``--long-texts chunk`` several overlapping ones for a long row: chunking.py), truncation
+  flags and skip reasons (rows that cannot be labelled keep a reason instead of a label).
 - ``token_batches``: rows sorted by length and cut into batches of at most
   ``max_tokens`` padded tokens (rows x longest row) and ``max_rows`` rows: one budget gives
   small batches of long rows and large batches of short ones, and bounds memory.
@@ -10,7 +11,8 @@
   with ``quantize`` (rows whose top two probabilities are closer than ``recheck_margin`` are
   labelled again in full precision, all together at the end of a window), bf16 weights with
   SDPA attention through torch on a GPU, where a batch that runs out of memory is split in
-  two and retried. ``label`` returns the output columns, which
+  two and retried. ``label`` combines a chunked row's windows into its probabilities and
+  returns the output columns, which
   ``output_columns`` names: the one definition of them.
 - ``TableLabeller``: the Ray Data callable class the evaluation job maps over its rows.
 """
@@ -20,14 +22,17 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
+from textlabel import chunking
 from textlabel import model as model_lib
 from textlabel import runtime as runtime_lib
+from textlabel.chunking import LongTexts
 
 logger = logging.getLogger(__name__)
 
@@ -42,18 +47,19 @@ SKIP_REASONS = {
 # cannot stall a batch. Ordinary text averages 4-5 characters a token, so the cut never moves
 # the first max_length tokens; a cut row is flagged truncated (it was, by any reading).
 CHARS_PER_TOKEN_CAP = 64
-ROW_COLUMNS = ("truncated", "skip_reason")  # after the tasks' label, label_id, score
+ROW_COLUMNS = ("truncated", "chunks", "skip_reason")  # after the tasks' label, label_id, score; chunks: chunk mode only
 TASK_COLUMNS = ("label", "label_id", "score")
 # Padded tokens per model batch. CPU: 2048 measured fastest for all-MiniLM-L6-v2 (1024 and 4096 slower);
 # GPU: enough to fill an H200 with a BERT-base (see benchmarks/gpu_check.py).
 DEFAULT_MAX_TOKENS = {"cpu": 2048, "gpu": 65536}
 
 
-def output_columns(tasks: list[str | None], prefix: str = "") -> list[str]:
+def output_columns(tasks: list[str | None], prefix: str = "", chunked: bool = False) -> list[str]:
     """The columns labelling adds, in order: label, label_id, score (``<task>_...`` for each task of a
-    multi-task model), truncated, skip_reason; each after ``prefix``."""
+    multi-task model), truncated, chunks (windows scored; with --long-texts chunk only), skip_reason; each
+    after ``prefix``."""
     names = [f"{prefix}{task + '_' if task else ''}{c}" for task in tasks for c in TASK_COLUMNS]
-    return names + [prefix + c for c in ROW_COLUMNS]
+    return names + [prefix + c for c in ROW_COLUMNS if chunked or c != "chunks"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,14 +98,28 @@ def texts_of(column: pa.ChunkedArray | pa.Array) -> tuple[list[str | None], list
 
 @dataclass
 class Prepared:
-    """Rows ready for the model: token ids (None for a row that cannot be labelled)."""
+    """Rows ready for the model: the token windows it scores and, per row, how they came about."""
 
-    tokens: list[list[int] | None]
-    truncated: np.ndarray  # bool per row
-    reasons: list[str | None]  # skip reason per row
+    windows: list[list[int]]  # token ids, special tokens included: one per labelled row, more for a chunked one
+    owner: np.ndarray  # the row of each window (ascending)
+    truncated: np.ndarray  # bool per row: some of its text was not read
+    reasons: list[str | None]  # skip reason per row (None: labelled)
+    chunks: np.ndarray  # windows scored per row (0: not labelled)
+    dropped: np.ndarray  # windows past --max-chunks per row
+    chunked: bool = False  # --long-texts chunk (the output gains a chunks column)
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.reasons)
+
+    @classmethod
+    def concat(cls, pieces: list["Prepared"], chunked: bool = False) -> "Prepared":
+        """Pieces one after another, as one."""
+        starts = np.cumsum([0] + [len(p) for p in pieces])
+        ints = lambda name: np.concatenate([getattr(p, name) for p in pieces]) if pieces else np.zeros(0, np.int64)  # noqa: E731
+        return cls([w for p in pieces for w in p.windows],
+                   np.concatenate([p.owner + s for p, s in zip(pieces, starts)]) if pieces else np.zeros(0, np.int64),
+                   ints("truncated").astype(bool), [r for p in pieces for r in p.reasons], ints("chunks"), ints("dropped"),
+                   chunked)
 
 
 def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tuple[list[list[int] | None], np.ndarray]:
@@ -124,11 +144,49 @@ def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tup
     return out, truncated
 
 
-def prepare(model: str | None, column: pa.ChunkedArray | pa.Array, max_length: int) -> Prepared:
-    """A text column, tokenized."""
+@functools.lru_cache(maxsize=4)
+def specials(model: str | None) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after one text ([CLS] and [SEP] for BERT; none for GPT-2)."""
+    tok = tokenizer_for(model)
+    bare = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a")["input_ids"]
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:at], full[at + len(bare):]
+
+
+def chunk(model: str | None, texts: list[str | None], max_length: int, long: LongTexts) -> Prepared:
+    """Texts as overlapping windows of at most ``max_length`` tokens (chunking.spans), at most ``long.max_chunks`` each."""
+    head, tail = specials(model)
+    body, overlap = max_length - len(head) - len(tail), long.overlap_for(max_length)
+    # Read no more characters than max_chunks windows could use, at CHARS_PER_TOKEN_CAP characters a token.
+    cap = CHARS_PER_TOKEN_CAP * chunking.covered(body, overlap, long.max_chunks)
+    keep = [i for i, t in enumerate(texts) if t is not None]
+    plain = {"add_special_tokens": False, "padding": False, "return_attention_mask": False, "return_token_type_ids": False,
+             "verbose": False}  # no "longer than the model's maximum" warning: the windows are cut below
+    ids = tokenizer_for(model)([texts[i][:cap] for i in keep], **plain)["input_ids"] if keep else []
+    windows, owner = [], []
+    chunks, dropped, truncated = (np.zeros(len(texts), dtype=np.int64) for _ in range(3))
+    for i, row in zip(keep, ids):
+        cut, lost = chunking.spans(len(row), body, overlap, long.max_chunks)
+        if len(texts[i]) > cap:  # the windows the unread characters would have made, at this text's rate
+            lost += math.ceil((len(texts[i]) - cap) * len(row) / cap / (body - overlap))
+        windows += [head + row[a:b] + tail for a, b in cut]
+        owner += [i] * len(cut)
+        chunks[i], dropped[i], truncated[i] = len(cut), lost, lost > 0
+    return Prepared(windows, np.array(owner, dtype=np.int64), truncated.astype(bool), [], chunks, dropped, True)
+
+
+def prepare(model: str | None, column: pa.ChunkedArray | pa.Array, max_length: int, long: LongTexts | None = None) -> Prepared:
+    """A text column, tokenized into the windows the model scores."""
     texts, reasons = texts_of(column)
+    if long is not None and long.chunked:
+        prepared = chunk(model, texts, max_length, long)
+        prepared.reasons = reasons
+        return prepared
     tokens, truncated = tokenize(model, texts, max_length)
-    return Prepared(tokens, truncated, reasons)
+    owner = np.array([i for i, t in enumerate(tokens) if t is not None], dtype=np.int64)
+    chunks = np.array([t is not None for t in tokens], dtype=np.int64)
+    return Prepared([t for t in tokens if t is not None], owner, truncated, reasons, chunks, np.zeros(len(tokens), np.int64))
 
 
 def token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> list[np.ndarray]:
@@ -149,7 +207,10 @@ def token_batches(lengths: np.ndarray, max_tokens: int, max_rows: int) -> list[n
 class Stats:
     """What the model did (summed into the run's summary)."""
 
-    rows: int = 0
+    rows: int = 0  # rows labelled
+    windows: int = 0  # token windows scored (a chunked row has several)
+    chunked_rows: int = 0  # rows scored in more than one window
+    chunks_dropped: int = 0  # windows past --max-chunks, not scored
     batches: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0  # rows x longest row, summed: what the model computed
@@ -242,42 +303,52 @@ class Predictor:
             if unsure.any():  # all of a window's unsure rows together: full batches, not a few rows each
                 self._pass(self.full, rows, probs, everything[unsure])
                 self.stats.rechecked += int(unsure.sum())
-        self.stats.rows += len(rows)
+        self.stats.windows += len(rows)
         self.stats.model_seconds += time.perf_counter() - start
         return probs
 
     def label(self, prepared: Prepared, prefix: str = "") -> dict[str, pa.Array]:
-        """The output columns (output_columns' names) for prepared rows; null labels where a row has no tokens."""
-        present = np.array([t is not None for t in prepared.tokens], dtype=bool)
-        rows = [t for t in prepared.tokens if t is not None]
-        probs = self.probabilities(rows)
-        names = output_columns([t.name for t in self.tasks], prefix)
+        """The output columns (output_columns' names) for prepared rows; null labels where a row has no tokens.
+        A chunked row's probabilities combine its windows' (chunking.combine)."""
+        present = prepared.chunks > 0
+        probs = self.probabilities(prepared.windows)
+        if prepared.chunked:
+            sizes = np.fromiter(map(len, prepared.windows), dtype=np.int64, count=len(prepared.windows))
+            probs = [chunking.combine(p, prepared.owner, len(prepared), sizes=sizes)[present] for p in probs]
+        self.stats.rows += int(present.sum())
+        self.stats.chunked_rows += int((prepared.chunks > 1).sum())
+        self.stats.chunks_dropped += int(prepared.dropped.sum())
+        names = output_columns([t.name for t in self.tasks], prefix, prepared.chunked)
         out: dict[str, pa.Array] = {}
         missing = ~present
         for k, (task, p) in enumerate(zip(self.tasks, probs)):
             label_id = np.zeros(len(present), dtype=np.int64)
             score = np.zeros(len(present), dtype=np.float32)
-            label_id[present] = p.argmax(axis=1) if len(rows) else []
-            score[present] = p.max(axis=1) if len(rows) else []
+            label_id[present] = p.argmax(axis=1) if len(p) else []
+            score[present] = p.max(axis=1) if len(p) else []
             labels = np.array(task.labels, dtype=object)
             label_c, id_c, score_c = names[3 * k: 3 * k + 3]
             out[label_c] = pa.array(labels[label_id], type=pa.string(), mask=missing)
             out[id_c] = pa.array(label_id, mask=missing)
             out[score_c] = pa.array(score, mask=missing)
-        out[names[-2]] = pa.array(prepared.truncated, mask=missing)
-        out[names[-1]] = pa.array(prepared.reasons, type=pa.string())
+        out[prefix + "truncated"] = pa.array(prepared.truncated, mask=missing)
+        if prepared.chunked:
+            out[prefix + "chunks"] = pa.array(prepared.chunks.astype(np.int32), mask=missing)
+        out[prefix + "skip_reason"] = pa.array(prepared.reasons, type=pa.string())
         return out
 
 
 class TableLabeller:
     """Ray Data callable class (the evaluation job): a table with a text column in, with the output columns."""
 
-    def __init__(self, model: str | None, text_column: str, max_length: int, prefix: str, options: dict):
+    def __init__(self, model: str | None, text_column: str, max_length: int, prefix: str, options: dict,
+                 long_texts: dict | None = None):
         self.model, self.text_column, self.max_length, self.prefix = model, text_column, max_length, prefix
+        self.long = LongTexts(**(long_texts or {}))
         self.predictor = Predictor(model, **options)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prepared = prepare(self.model, batch[self.text_column], self.max_length)
+        prepared = prepare(self.model, batch[self.text_column], self.max_length, self.long)
         for name, column in self.predictor.label(prepared, self.prefix).items():
             batch = batch.append_column(name, column)
         return batch

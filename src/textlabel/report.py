@@ -110,6 +110,22 @@ def _per_class_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def length_groups(y_true: np.ndarray, y_pred: np.ndarray, chunks: np.ndarray | None, truncated: np.ndarray) -> dict[str, Any]:
+    """Rows and accuracy of the short rows beside the long ones: chunked (more than one window) and truncated
+    (some text not read). ``chunks``: windows per row with --long-texts chunk, else None."""
+    groups = {"read whole": ~truncated, "truncated": truncated} if chunks is None else \
+        {"one window": chunks == 1, "chunked": chunks > 1, "truncated (windows past --max-chunks)": truncated}
+    return {name: {"rows": int(m.sum()), "accuracy": float((y_true[m] == y_pred[m]).mean()) if m.any() else None}
+            for name, m in groups.items()}
+
+
+def _length_table(groups: dict[str, Any]) -> list[str]:
+    lines = ["## Long documents", "", "| rows | count | accuracy |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {g['rows']} | {'-' if g['accuracy'] is None else format(g['accuracy'], '.4f')} |"
+              for name, g in groups.items()]
+    return lines + [""]
+
+
 def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
                     texts: list[str], baseline: dict[str, Any] | None, has_curves: bool) -> str:
     """report.md: headline table, per-class table, confused pairs, misclassified examples."""
@@ -120,6 +136,8 @@ def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarr
     lines += ["![confusion matrix](confusion_matrix.png)", ""]
     if has_curves:
         lines += ["![training curves](training_curves.png)", ""]
+    if metrics.get("by_length"):
+        lines += _length_table(metrics["by_length"])
     lines += ["## Per class (fine-tuned model)", "", *_per_class_table(metrics), ""]
     if baseline:
         lines += ["## Per class (TF-IDF baseline)", "", *_per_class_table(baseline), ""]
@@ -132,9 +150,11 @@ def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarr
 
 
 def write_report(directory: storage.Location, labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
-                 texts: list[str], epochs: list[dict] | None = None, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write report.md and its PNGs under ``directory``; returns the model's metrics."""
-    metrics = classification_metrics(y_true, y_pred, labels)
+                 texts: list[str], epochs: list[dict] | None = None, baseline: dict[str, Any] | None = None,
+                 by_length: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write report.md and its PNGs under ``directory``; returns the model's metrics (with ``by_length``:
+    length_groups' figures, also shown in report.md)."""
+    metrics = classification_metrics(y_true, y_pred, labels) | ({"by_length": by_length} if by_length else {})
     storage.write_bytes(directory.join("confusion_matrix.png"), confusion_png(y_true, y_pred, labels))
     if epochs:
         storage.write_bytes(directory.join("training_curves.png"), curves_png(epochs))

@@ -94,6 +94,8 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
         "rows_in": sum(r.rows_in for r in done), "rows_out": rows_out,
         "rows_labelled": rows_out - sum(skipped.values()), "rows_skipped_total": sum(skipped.values()),
         "rows_skipped": dict(skipped), "rows_truncated": sum(r.rows_truncated for r in done),
+        "long_texts": cfg.long_texts, "rows_chunked": t.inference.get("chunked_rows", 0),
+        "chunks_dropped": t.inference.get("chunks_dropped", 0),
         "output_files": output_files, "output_rows": output_rows, "units": t.units, "pool": t.pool,
         "inference": _inference(t.inference),
         "commits": night.committer.commits if night.committer else 0, "manifest": t.manifest,
@@ -108,8 +110,8 @@ def write_summary(night: "Night", seconds: float, crashed: str | None) -> dict[s
     storage.write_json(night.out.join(SUMMARY), summary)
     storage.write_json(night.out.join(RUNS, f"{night.run}.json"), summary)
     logger.info("run %s: %d files labelled (%d rows, %.0f rows/s), %d adopted, %d unchanged, %d failed; %d rows skipped "
-                "%s, %d truncated; summary in %s", night.run, summary["files_labelled"], summary["rows_out"],
+                "%s, %d truncated, %d chunked; summary in %s", night.run, summary["files_labelled"], summary["rows_out"],
                 summary["rows_per_second"], summary["files_adopted"], summary["files_unchanged"], summary["files_failed"],
                 summary["rows_skipped_total"], summary["rows_skipped"] or "", summary["rows_truncated"],
-                night.out.join(SUMMARY).url)
+                summary["rows_chunked"], night.out.join(SUMMARY).url)
     return summary

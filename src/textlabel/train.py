@@ -25,9 +25,9 @@ from ray.train.torch import TorchTrainer
 
 from textlabel import data as data_lib
 from textlabel import model as model_lib
-from textlabel import storage
+from textlabel import predict, storage
 from textlabel.config import ConfigError, TrainConfig
-from textlabel.report import tfidf_baseline, write_report
+from textlabel.report import length_groups, tfidf_baseline, write_report
 from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, settings_dict, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -46,10 +46,40 @@ class PreparedData:
     labels: list[str]  # the first task's (the only one's, for a single task)
     dropped: dict[str, dict[str, int]]
     tasks: list[dict] = dataclasses.field(default_factory=list)  # name, labels, weight, column
+    # With --long-texts chunk: the rows as token windows (what Ray Train reads instead of train and validation),
+    # and the windows of each validation row.
+    train_windows: pa.Table | None = None
+    validation_windows: pa.Table | None = None
+    validation_cut: predict.Prepared | None = None
+
+    def by_length(self, rows: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any] | None:
+        """Accuracy of the chunked validation rows beside the short ones (report.length_groups), for ``rows``."""
+        if self.validation_cut is None:
+            return None
+        return length_groups(y_true, y_pred, self.validation_cut.chunks[rows], self.validation_cut.truncated[rows])
 
     @property
     def multitask(self) -> bool:
         return len(self.tasks) > 1
+
+    @property
+    def train_inputs(self) -> pa.Table:
+        return self.train if self.train_windows is None else self.train_windows
+
+    @property
+    def validation_inputs(self) -> pa.Table:
+        return self.validation if self.validation_windows is None else self.validation_windows
+
+
+def _windows(cfg: TrainConfig, table: pa.Table, seed: int | None = None) -> tuple[pa.Table, predict.Prepared]:
+    """Each row's token windows, cut as the labelling job cuts them, one dataset row each with the row's labels
+    (and row_id); and the windows per row. ``seed``: shuffle the windows (a document's are adjacent)."""
+    prepared = predict.chunk(cfg.model, table["text"].to_pylist(), cfg.max_length, cfg.long())
+    windows = table.drop_columns(["text"]).take(pa.array(prepared.owner))
+    windows = windows.append_column("input_ids", pa.array(prepared.windows, pa.list_(pa.int32())))
+    if seed is not None:
+        windows = windows.take(np.random.default_rng(seed).permutation(windows.num_rows))
+    return windows, prepared
 
 
 def _read(cfg: TrainConfig, url: str, tasks: list[dict] | None = None) -> tuple[pa.Table, list[dict], dict[str, int]]:
@@ -87,7 +117,14 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
                 raise data_lib.DataError(f"task {t['name']!r} has no labelled {name} rows; every task needs some in both "
                                          "(give more rows, a larger --val-fraction or other --validation-data)")
     validation = validation.append_column("row_id", pa.array(range(validation.num_rows), pa.int64()))
-    return PreparedData(train, validation, labels, dropped, tasks)
+    prepared = PreparedData(train, validation, labels, dropped, tasks)
+    if cfg.long().chunked:  # after the split: a document's windows stay in its split
+        prepared.train_windows, cut = _windows(cfg, train, seed=cfg.seed)
+        prepared.validation_windows, prepared.validation_cut = _windows(cfg, validation)
+        logger.info("--long-texts chunk: %d training rows are %d windows (%d rows chunked); %d validation rows are %d",
+                    train.num_rows, prepared.train_windows.num_rows, int((cut.chunks > 1).sum()), validation.num_rows,
+                    prepared.validation_windows.num_rows)
+    return prepared
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +167,7 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         model=cfg.model, tasks=prepared.tasks, multitask=prepared.multitask, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
-        steps_per_epoch=math.ceil(prepared.train.num_rows / (cfg.num_workers * cfg.batch_size)),
+        steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
     )
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -145,8 +182,8 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets={
-            "train": data_lib.to_dataset(prepared.train, 8 * cfg.num_workers),
-            "validation": data_lib.to_dataset(prepared.validation, 2 * cfg.num_workers),
+            "train": data_lib.to_dataset(prepared.train_inputs, 8 * cfg.num_workers),
+            "validation": data_lib.to_dataset(prepared.validation_inputs, 2 * cfg.num_workers),
         },
         # Validation is not split (a split may drop rows); workers take row_id % world each.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -170,7 +207,9 @@ def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str
     val_texts = prepared.validation["text"].to_pylist()
     baseline = tfidf_baseline(prepared.train["text"].to_pylist(), prepared.train["label_id"].to_numpy(),
                               val_texts, y_true, prepared.labels)
-    write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline)
+    every = np.arange(len(y_true))
+    write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline,
+                 prepared.by_length(every, y_true, y_pred))
     return baseline
 
 
@@ -194,7 +233,7 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
                         "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
                        for e in epochs]
         metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
-                               task_epochs, baseline)
+                               task_epochs, baseline, prepared.by_length(np.flatnonzero(valid), y_true[valid], y_pred[valid]))
         baselines[t["name"]] = baseline
         lines.append(f"| [{t['name']}]({t['name']}/report.md) | {len(t['labels'])} | {int(valid.sum())} | {metrics['accuracy']:.4f} | "
                      f"{metrics['macro_f1']:.4f} | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | {t['weight']} |")

@@ -2,6 +2,12 @@
 
 Runs inside each Ray Train worker. Everything it needs arrives in one plain
 dict (``LoopSettings``) so that workers never import the driver's config.
+
+Rows arrive as text, or (``--long-texts chunk``) as the token windows the labelling job
+would score, cut on the driver: one window per row of the dataset, each carrying its
+document's labels and, in validation, its document's ``row_id``. Validation always scores
+documents: a document's windows' probabilities are combined as the labelling job combines
+them (chunking.combine), so the accuracy reported is the one labelling delivers.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from textlabel import chunking
 from textlabel import model as model_lib
 from textlabel.metrics import classification_metrics
 
@@ -107,10 +114,20 @@ def _task_losses(logits: list[torch.Tensor], golds: list[torch.Tensor]) -> list[
     return losses
 
 
-def _tokenize(tokenizer, texts: np.ndarray, max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    # Dynamic padding: each batch pads to its own longest row, never to max_length.
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items()}
+def _inputs(tokenizer, batch: dict[str, np.ndarray], rows: np.ndarray | slice, max_length: int,
+            device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for ``rows`` of a batch: its text tokenized, or its token windows padded. Dynamic padding:
+    each batch pads to its own longest row, never to max_length."""
+    if "input_ids" not in batch:
+        enc = tokenizer(list(batch["text"][rows]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {k: v.to(device) for k, v in enc.items()}
+    windows = [np.asarray(w) for w in batch["input_ids"][rows]]
+    width = max(len(w) for w in windows)
+    ids = torch.full((len(windows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for i, w in enumerate(windows):
+        ids[i, :len(w)], mask[i, :len(w)] = torch.as_tensor(w, dtype=torch.long), 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: int, device) -> tuple[float, int, list]:
@@ -124,7 +141,7 @@ def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: i
     ):
         golds = [torch.tensor(batch[t["column"]], device=device) for t in s.tasks]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
-            logits = _logits(net, _tokenize(tokenizer, batch["text"], s.max_length, device))
+            logits = _logits(net, _inputs(tokenizer, batch, slice(None), s.max_length, device))
         # L = sum_i lambda_i * L_i (one task: plain cross-entropy, as Hugging Face computes it)
         task_losses = _task_losses(logits, golds)
         loss = sum(t["weight"] * task_loss for t, task_loss in zip(s.tasks, task_losses))
@@ -152,7 +169,8 @@ def _gather(obj: Any) -> list[Any]:
 
 @torch.no_grad()
 def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> dict[str, np.ndarray]:
-    """Predictions for this worker's share (row_id % world == rank) of the whole validation set."""
+    """Predictions for this worker's share (row_id % world == rank) of the whole validation set: per row (a
+    document), its windows' probabilities combined."""
     net.eval()
     found: dict[str, list[np.ndarray]] = {"row_id": []}
     for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=4 * s.batch_size, batch_format="numpy"):
@@ -160,16 +178,24 @@ def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, dev
         if not mine.any():
             continue
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
-            logits = _logits(net, _tokenize(tokenizer, batch["text"][mine], s.max_length, device))
+            logits = _logits(net, _inputs(tokenizer, batch, mine, s.max_length, device))
         for i, (t, lg) in enumerate(zip(s.tasks, logits)):
-            gold = torch.tensor(batch[t["column"]][mine], device=device)
-            loss = torch.nn.functional.cross_entropy(lg.float(), gold.clamp(min=0), reduction="none")
-            found.setdefault(f"pred{i}", []).append(lg.argmax(-1).cpu().numpy())
-            found.setdefault(f"gold{i}", []).append(gold.cpu().numpy())
-            found.setdefault(f"loss{i}", []).append(loss.float().cpu().numpy())
+            found.setdefault(f"probs{i}", []).append(torch.softmax(lg.float(), -1).cpu().numpy())
+            found.setdefault(f"gold{i}", []).append(batch[t["column"]][mine])
         found["row_id"].append(batch["row_id"][mine])
-    keys = ["row_id", *(f"{k}{i}" for i in range(len(s.tasks)) for k in ("pred", "gold", "loss"))]
-    return {k: np.concatenate(found[k]) if found.get(k) else np.empty(0) for k in keys}
+    if not found["row_id"]:
+        keys = ["row_id", *(f"{k}{i}" for i in range(len(s.tasks)) for k in ("pred", "gold", "loss"))]
+        return {k: np.empty(0) for k in keys}
+    window_rows = np.concatenate(found["row_id"])
+    rows, owner = np.unique(window_rows, return_inverse=True)  # a document's windows: one row
+    first = np.unique(owner, return_index=True)[1]
+    out = {"row_id": rows}
+    for i in range(len(s.tasks)):
+        probs = chunking.combine(np.concatenate(found[f"probs{i}"]), owner, len(rows))
+        gold = np.concatenate(found[f"gold{i}"])[first].astype(np.int64)
+        out |= {f"pred{i}": probs.argmax(1), f"gold{i}": gold,
+                f"loss{i}": -np.log(np.clip(probs[np.arange(len(rows)), gold.clip(min=0)], 1e-12, 1.0))}
+    return out
 
 
 def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> tuple[dict[str, Any], dict] | None:
