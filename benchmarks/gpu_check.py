@@ -158,8 +158,9 @@ def main() -> None:
             pq.write_table(corpus.slice(start, step), work / f"corpus-{i}" / f"part-{k:02d}.parquet")
         if memory:
             memory.peak = 0
+        # runtime torch: what GPUs run, also in the reduced CPU run (which then exports no ONNX model)
         summary = run_labelling(LabelConfig(model=model_dir, input=str(work / f"corpus-{i}"), output=str(work / f"labels-{i}"),
-                                            use_gpu=bool(gpus)))
+                                            use_gpu=bool(gpus), runtime="torch"))
         report["label"][label] = label_figures(summary, model_dir, gpus, peak, memory)
     if memory:
         memory.running = False

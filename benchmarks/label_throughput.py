@@ -10,7 +10,7 @@ pool sized to the machine); --rounds rounds. A job's figures come from its _summ
 profile of where its wall time went (per actor: starting, reading, tokenizing, model, writing,
 waiting for input; the rest is Ray and the driver). The long-document row labels
 --long-documents documents of 9-25 SST-2 sentences (benchmarks/long_documents.py's "reviews", about
-3 windows of 128 tokens each) with --long-texts truncate and with chunk: rows/s and windows/s. Without --model, a model is fine-tuned once
+4 windows of 128 tokens each) with --long-texts truncate and with chunk: rows/s and windows/s. Without --model, a model is fine-tuned once
 from the packaged all-MiniLM-L6-v2 on the shipped SST-2 sample and kept under benchmarks/out/.
 """
 

@@ -85,6 +85,15 @@ def ray_session(s3_endpoint):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_head(s3_endpoint):
+    """A real `ray start --head` (token auth on) that jobs are submitted to (rayhead.submit), shared by the session."""
+    from rayhead import ray_head as start
+
+    with start() as head:
+        yield head
+
+
 @pytest.fixture
 def s3_prefix(s3_endpoint) -> str:
     """A fresh, empty s3:// prefix for one test."""

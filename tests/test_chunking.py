@@ -89,3 +89,36 @@ def test_a_text_of_exactly_max_length_tokens_is_one_window_and_labels_as_truncat
     cut = predict.prepare(tiny_model, rows, 64)
     assert chunked.chunks.tolist() == [1, 2] and chunked.windows[0] == cut.windows[0]
     assert cut.truncated.tolist() == [False, True] and chunked.truncated.tolist() == [False, False]
+
+
+def test_a_ten_megabyte_text_costs_at_most_max_chunks_windows(tiny_model):
+    huge = "the plot was great and the cast was fine " * 250_000  # 10.25 MB
+    long = LongTexts("chunk", overlap=16, max_chunks=64)
+    prepared = predict.prepare(tiny_model, pa.array([huge, "short"]), 64, long)
+    assert prepared.chunks.tolist() == [64, 1] and len(prepared.windows) == 65
+    assert prepared.truncated.tolist() == [True, False]
+    # The windows not scored, counted: about 2.25M tokens at 46 new tokens a window (estimated past the
+    # characters the 64 windows could use).
+    assert 40_000 < prepared.dropped[0] < 60_000 and prepared.dropped[1] == 0
+
+
+def test_a_multi_task_model_combines_each_tasks_windows(tiny_model, tmp_path):
+    import torch
+
+    from textlabel import model as model_lib
+
+    torch.manual_seed(0)
+    tasks = [{"name": "sentiment", "labels": ["negative", "positive"], "weight": 1.0},
+             {"name": "topic", "labels": ["acting", "music", "visuals"], "weight": 1.0}]
+    net = model_lib.load_multitask_for_training(tiny_model, tasks)
+    model_lib.save_multitask(net, predict.tokenizer_for(tiny_model), str(tmp_path))
+    prepared = predict.prepare(str(tmp_path), pa.array([_document("great"), "short", None]), 64, LongTexts("chunk", 16))
+    predictor = predict.Predictor(str(tmp_path))
+    out = predictor.label(prepared)
+    assert list(out) == predict.output_columns(["sentiment", "topic"], chunked=True)
+    windows = predictor.probabilities(prepared.windows)
+    for task, probs in zip(["sentiment", "topic"], windows):
+        expected = chunking.combine(probs, prepared.owner, 3)[:2]
+        assert out[f"{task}_label_id"].to_pylist() == expected.argmax(1).tolist() + [None]
+        np.testing.assert_allclose(out[f"{task}_score"].to_numpy(zero_copy_only=False)[:2], expected.max(1), rtol=1e-6)
+    assert out["chunks"].to_pylist() == [prepared.chunks[0], 1, None] and prepared.chunks[0] > 1

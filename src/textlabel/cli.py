@@ -51,10 +51,9 @@ def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> i
 
 def _train(argv: list[str] | None) -> object:
     cfg = parse_config(TrainConfig, argv, "textlabel train", "Fine-tune a BERT-family classifier with Ray Train.")
-    init_ray()
     from textlabel.train import run_training
 
-    return run_training(cfg)
+    return run_training(cfg, start_ray=init_ray)  # after the data and the model are checked
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -78,10 +77,9 @@ def label_main(argv: list[str] | None = None) -> int:
 
 def _evaluate(argv: list[str] | None) -> object:
     cfg = parse_config(EvaluateConfig, argv, "textlabel evaluate", "Evaluate a fine-tuned classifier on labelled data; write a report.")
-    init_ray()
     from textlabel.evaluate import run_evaluation
 
-    return run_evaluation(cfg)
+    return run_evaluation(cfg, start_ray=init_ray)  # after the data and the model are checked
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:

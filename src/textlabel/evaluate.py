@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,12 +81,15 @@ def _long_text_counts(cfg: EvaluateConfig, predicted: pa.Table) -> dict[str, Any
     return counts
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Predict every labelled row with the model; write metrics.json and the report(s) under --output."""
+def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Predict every labelled row with the model; write metrics.json and the report(s) under --output.
+    ``start_ray`` joins or starts Ray once the model and the data have been checked."""
     start = time.perf_counter()
     model_lib.check_model_dir(cfg.model)
     tasks = model_lib.tasks_of(cfg.model)
     table, dropped = _read(cfg, tasks)
+    if start_ray is not None:
+        start_ray()
     predicted = _predict(cfg, table, tasks)
     out, texts = storage.resolve(cfg.output), np.array(table["text"].to_pylist(), dtype=object)
     if tasks[0].name is None:

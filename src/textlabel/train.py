@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -244,8 +245,9 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
     return baselines
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
-    """Fine-tune as ``cfg`` says; returns what metrics.json holds."""
+def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says; returns what metrics.json holds. ``start_ray`` joins or starts Ray once the
+    data and the model have been checked (bad input fails in seconds, without Ray)."""
     start = time.perf_counter()
     out = storage.resolve(cfg.output)
     prepared = prepare_data(cfg)
@@ -256,6 +258,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,
         len(prepared.labels), cfg.num_workers,
     )
+    if start_ray is not None:
+        start_ray()
     result = _trainer(cfg, prepared, out).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
