@@ -4,10 +4,12 @@ S3 to S3, on a tiny BERT that reads 32 tokens at a time."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import FILLER, NEGATIVE, POSITIVE, easy_rows, put_parquet, read_output, resolve
@@ -97,6 +99,8 @@ def test_a_label_past_the_first_window_is_read_with_chunk_and_missed_with_trunca
         "null_text", "blank_text", None]
     assert chunk["pred_truncated"].to_pylist()[-4:] == [False, None, None, True]
     assert "pred_chunks" not in cut.column_names and all(cut["pred_truncated"].to_pylist()[:150])
+    schema = pq.read_schema(pa.BufferReader(storage.read_bytes(resolve(f"{s3_prefix}/chunk/a.parquet"))))
+    assert json.loads(schema.metadata[b"textlabel.long_texts"]) == {"mode": "chunk", "overlap": 8, "max_chunks": 16}
     summary = storage.read_json(resolve(f"{s3_prefix}/chunk").join("_summary.json"))
     assert summary["long_texts"] == "chunk" and summary["rows_chunked"] == sum(w > 1 for w in windows)
     assert summary["chunks_dropped"] == windows[-1] - 16 and summary["inference"]["windows"] == sum(windows[:153]) + 16

@@ -6,7 +6,8 @@ listed version), cut into windows of WINDOW_ROWS rows (many small files share a 
 so their rows share model batches), read and tokenized one window ahead of the model in a
 thread, labelled (predict.Predictor: token-budget batches), and gathered per output file, which is written in one atomic PUT by a writer
 thread as soon as its last row is labelled. Each output's Parquet metadata records its
-input, the version read, its part and rows, the model and the counts, so a later run can
+input, the version read, its part and rows, the model, the counts and how long texts were
+read (--long-texts), so a later run can
 adopt an output whose record a kill lost.
 
 A unit whose actor keeps dying (out of memory, a crash in native code) is not retried
@@ -343,7 +344,7 @@ class PartLabeller:
             meta = {"input": out.item.input, "input_version": out.fingerprint, "part": f"{out.part.index}/{out.part.count}",
                     "rows": f"{out.part.start}-{out.part.stop}", "model": self.spec.model_id, "run": self.spec.run,
                     "rows_in": str(out.rows_in), "rows_skipped": json.dumps(dict(out.skipped)),
-                    "rows_truncated": str(out.truncated)}
+                    "rows_truncated": str(out.truncated), "long_texts": json.dumps(dataclasses.asdict(self.long))}
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{OUTPUT_META + k: v for k, v in meta.items()}})
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
