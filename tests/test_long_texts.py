@@ -61,6 +61,8 @@ def test_training_on_windows_reports_the_accuracy_labelling_delivers(long_model)
     final = long_model["metrics"]["epochs"][-1]
     assert final["val_rows"] == 140 and final["val_accuracy"] > 0.9  # documents, not windows
     assert long_model["metrics"]["train_rows"] == 600
+    counts = long_model["metrics"]["long_texts"]
+    assert counts["train_windows"] >= 300 * 2 + 300 and counts["validation_rows_chunked"] == 100  # every document
     labelled = long_model["val_labels"]
     assert abs(_accuracy(labelled, "pred_") - final["val_accuracy"]) <= 1 / 140  # the same up to one borderline document
     report = storage.read_bytes(resolve(f"{long_model['prefix']}/run/report/report.md")).decode()

@@ -114,12 +114,16 @@ class Prepared:
     @classmethod
     def concat(cls, pieces: list["Prepared"], chunked: bool = False) -> "Prepared":
         """Pieces one after another, as one."""
-        starts = np.cumsum([0] + [len(p) for p in pieces])
-        ints = lambda name: np.concatenate([getattr(p, name) for p in pieces]) if pieces else np.zeros(0, np.int64)  # noqa: E731
-        return cls([w for p in pieces for w in p.windows],
-                   np.concatenate([p.owner + s for p, s in zip(pieces, starts)]) if pieces else np.zeros(0, np.int64),
-                   ints("truncated").astype(bool), [r for p in pieces for r in p.reasons], ints("chunks"), ints("dropped"),
-                   chunked)
+        if not pieces:
+            none = np.zeros(0, dtype=np.int64)
+            return cls([], none, none.astype(bool), [], none, none, chunked)
+
+        def joined(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in pieces])
+
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        return cls([w for p in pieces for w in p.windows], np.concatenate([p.owner + s for p, s in zip(pieces, starts)]),
+                   joined("truncated"), [r for p in pieces for r in p.reasons], joined("chunks"), joined("dropped"), chunked)
 
 
 def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tuple[list[list[int] | None], np.ndarray]:
@@ -168,11 +172,12 @@ def chunk(model: str | None, texts: list[str | None], max_length: int, long: Lon
     chunks, dropped, truncated = (np.zeros(len(texts), dtype=np.int64) for _ in range(3))
     for i, row in zip(keep, ids):
         cut, lost = chunking.spans(len(row), body, overlap, long.max_chunks)
-        if len(texts[i]) > cap:  # the windows the unread characters would have made, at this text's rate
+        unread = len(texts[i]) > cap
+        if unread:  # the windows the unread characters would have made, at this text's rate
             lost += math.ceil((len(texts[i]) - cap) * len(row) / cap / (body - overlap))
         windows += [head + row[a:b] + tail for a, b in cut]
         owner += [i] * len(cut)
-        chunks[i], dropped[i], truncated[i] = len(cut), lost, lost > 0
+        chunks[i], dropped[i], truncated[i] = len(cut), lost, lost > 0 or unread
     return Prepared(windows, np.array(owner, dtype=np.int64), truncated.astype(bool), [], chunks, dropped, True)
 
 

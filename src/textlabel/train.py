@@ -273,6 +273,10 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
         "validation_rows": prepared.validation.num_rows,
         "dropped_rows": prepared.dropped,
         "num_workers": cfg.num_workers,
+        **({"long_texts": {"mode": "chunk", "train_windows": prepared.train_windows.num_rows,
+                           "validation_windows": prepared.validation_windows.num_rows,
+                           "validation_rows_chunked": int((prepared.validation_cut.chunks > 1).sum())}}
+           if prepared.validation_cut is not None else {}),
         "wall_seconds": round(time.perf_counter() - start, 1),
         **history,
         "baseline_tfidf_logreg": baseline,
