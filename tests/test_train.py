@@ -132,7 +132,7 @@ def _kill_a_worker_after_first_checkpoint(output_dir: str, killed: list[int]) ->
 def test_killed_worker_restarts_from_checkpoint(ray_session, tiny_model, tmp_path):
     data = tmp_path / "data.parquet"
     import pyarrow.parquet as pq
-    pq.write_table(easy_rows(3000, seed=2), data)
+    pq.write_table(easy_rows(1500, seed=2), data)  # 5 epochs of a few seconds: the kill lands after the first
     output = str(tmp_path / "run")
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
