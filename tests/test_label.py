@@ -92,3 +92,19 @@ def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
     assert code == 2
     assert "3 predictor actors x --cpus-per-actor 1.0 need more than the cluster's 2 CPUs" in caplog.text
     assert not storage.exists(resolve(f"{s3_prefix}/out"))
+
+
+def test_reading_windows_are_cut_by_rows_and_with_chunk_by_text_bytes_too():
+    """Pure (no Ray, no S3): a window of long texts ends at the byte budget, so --long-texts chunk cannot hold
+    8,192 rows x 64 model windows of token ids at once; ends and errors keep their place."""
+    from textlabel.labeller import windows_of
+
+    def rows(n: int, width: int):
+        return "rows", (None, pa.record_batch({"text": ["x" * width] * n}))
+
+    events = [rows(100, 10), rows(100, 10), ("end", "a"), rows(50, 20_000), rows(50, 20_000), ("error", "b"), rows(10, 10)]
+    by_rows = list(windows_of(iter(events), "text", max_rows=200))
+    assert [[k for k, _ in w] for w in by_rows] == [["rows", "rows"], ["end", "rows", "rows", "error", "rows"]]
+    by_bytes = list(windows_of(iter(events), "text", max_rows=200, max_text_bytes=1_000_000))
+    assert [[k for k, _ in w] for w in by_bytes] == [["rows", "rows"], ["end", "rows"], ["rows"], ["error", "rows"]]
+    assert [e for w in by_bytes for e in w] == events  # nothing lost, nothing reordered

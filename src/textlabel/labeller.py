@@ -2,13 +2,14 @@
 
 A unit's rows flow through one pipeline, whatever files they come from: read (a pack's
 small files concurrently, one GET each; a big file's part through a handle pinned to its
-listed version), cut into windows of WINDOW_ROWS rows (many small files share a window,
-so their rows share model batches), read and tokenized one window ahead of the model in a
-thread, labelled (predict.Predictor: token-budget batches), and gathered per output file, which is written in one atomic PUT by a writer
-thread as soon as its last row is labelled. Each output's Parquet metadata records its
-input, the version read, its part and rows, the model, the counts and how long texts were
-read (--long-texts), so a later run can
-adopt an output whose record a kill lost.
+listed version), cut into windows of WINDOW_ROWS rows (with --long-texts chunk, also at
+most about WINDOW_TEXT_BYTES of text; many small files share a window, so their rows share
+model batches), read and tokenized one window ahead of the model in a thread, labelled
+(predict.Predictor: token-budget batches), and gathered per output file, which is written
+in one atomic PUT by a writer thread as soon as its last row is labelled. Each output's
+Parquet metadata records its input, the version read, its part and rows, the model, the
+counts and how long texts were read (--long-texts), so a later run can adopt an output
+whose record a kill lost.
 
 A unit whose actor keeps dying (out of memory, a crash in native code) is not retried
 forever: the ``Tracker`` actor counts attempts; from the second, a pack's files run one
@@ -40,6 +41,9 @@ from textlabel.records import OUTPUT_META, ItemResult, part_name
 logger = logging.getLogger(__name__)
 
 WINDOW_ROWS = 8192  # rows tokenized together, then sorted by length into token-budget batches
+# With --long-texts chunk, also at most about this many bytes of text a window: a long row becomes up to
+# --max-chunks model windows, and a window's token ids are Python lists (about 36 bytes a token).
+WINDOW_TEXT_BYTES = 4 << 20
 READ_BYTES = 16 << 20  # about this many uncompressed bytes per read batch of a big part
 READ_THREADS = 8  # concurrent whole-file reads of a pack
 WRITE_THREADS = 4
@@ -112,6 +116,23 @@ def _failed(item: Item, error: str, changed: bool = False, fingerprint: str | No
     part = item.part or PartSpec(0, 1, 0, 0, ())
     return ItemResult(item.input, part.index, part.count, part_name(item.input, part.index, part.count),
                       fingerprint or item.fingerprint, error=error[:2000], changed=changed)
+
+
+def windows_of(events: Iterator[tuple[str, Any]], text_column: str, max_rows: int,
+               max_text_bytes: int | None = None) -> Iterator[list[tuple[str, Any]]]:
+    """Reading events cut into windows of about ``max_rows`` rows (and ``max_text_bytes`` bytes of text, when
+    given); a window ends after the batch that reaches either, and "end"/"error" events stay in order."""
+    window, rows, size = [], 0, 0
+    for kind, value in events:
+        if kind == "rows":
+            rows += value[1].num_rows
+            size += value[1].column(text_column).nbytes if max_text_bytes else 0
+        window.append((kind, value))
+        if rows >= max_rows or (max_text_bytes and size >= max_text_bytes):
+            yield window
+            window, rows, size = [], 0, 0
+    if window:
+        yield window
 
 
 class PartLabeller:
@@ -256,16 +277,8 @@ class PartLabeller:
     # The pipeline.
 
     def _windows(self, items: list[Item]) -> Iterator[list[tuple[str, Any]]]:
-        window, rows = [], 0
-        for kind, value in self._events(items):
-            if kind == "rows":
-                rows += value[1].num_rows
-            window.append((kind, value))
-            if rows >= WINDOW_ROWS:
-                yield window
-                window, rows = [], 0
-        if window:
-            yield window
+        limit = WINDOW_TEXT_BYTES if self.long.chunked else None
+        return windows_of(self._events(items), self.spec.text_column, WINDOW_ROWS, limit)
 
     def _prepare(self, window: list[tuple[str, Any]]) -> tuple[list, predict.Prepared]:
         """A window's rows tokenized (runs beside the model; files of one pack may type their text column
