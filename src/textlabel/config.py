@@ -14,9 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from textlabel.chunking import LongTexts
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,7 @@ class LongTextOptions:
     chunk_overlap: int | None = _opt(None, "With --long-texts chunk: tokens two consecutive windows share. Default: a quarter of --max-length.")
     max_chunks: int = _opt(64, "With --long-texts chunk: most windows scored per text (bounds the cost of a huge text); windows past it are counted (chunks_dropped) and the row flagged truncated.")
 
-    def long(self):
+    def long(self) -> LongTexts:
         """These options as chunking.LongTexts."""
         from textlabel.chunking import LongTexts
 
