@@ -36,6 +36,8 @@ def test_options_are_checked_against_the_window():
     assert LongTexts("chunk", overlap=0).problems(128) == []
     problems = LongTexts("paginate", overlap=100, max_chunks=0).problems(128)
     assert len(problems) == 3 and "--long-texts" in problems[0] and "--max-chunks" in problems[1] and "--chunk-overlap" in problems[2]
+    assert LongTexts("chunk").problems(8) == ["--max-length must be >= 16 with --long-texts chunk, got 8"]
+    assert LongTexts("truncate").problems(8) == []
     with pytest.raises(ValueError, match="cannot overlap"):
         chunking.spans(500, 10, 10, 64)
 

@@ -47,6 +47,8 @@ class LongTexts:
             problems.append(f"--long-texts must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.max_chunks < 1:
             problems.append(f"--max-chunks must be >= 1, got {self.max_chunks}")
+        if self.chunked and max_length < 16:  # special tokens and the overlap would leave a window no room
+            problems.append(f"--max-length must be >= 16 with --long-texts chunk, got {max_length}")
         overlap = self.overlap_for(max_length)
         if overlap < 0 or overlap > max_length // 2:
             problems.append(f"--chunk-overlap must be between 0 and half of --max-length ({max_length // 2}), got {overlap}: "
