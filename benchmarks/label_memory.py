@@ -36,7 +36,7 @@ def peak_memory(model: str, rows: int, job_args: list[str]) -> dict:
     subprocess.run(["rm", "-rf", str(output)], check=True)
     start = time.perf_counter()
     job = subprocess.Popen([sys.executable, str(ROOT / "jobs/label.py"), "--model", model, "--input", str(corpus),
-                            "--output", str(output), *job_args], env=local_ray_env(),
+                            "--output", str(output), *job_args, "--max-drift", "1e9"], env=local_ray_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root, peak = psutil.Process(job.pid), 0
     while job.poll() is None:

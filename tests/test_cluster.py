@@ -14,7 +14,7 @@ import pytest
 from conftest import corpus, read_output, resolve
 from rayhead import status as _status
 from rayhead import submit as _submit
-from textlabel import storage
+from textlabel import nights, storage
 
 
 def _wait(what: str, check, timeout: float = 300):
@@ -105,8 +105,13 @@ def test_driver_killed_at_a_commit_then_rerun_loses_and_duplicates_nothing(ray_h
     names = sorted(f.path[len(loc.path) + 1:] for f in loc.fs.get_file_info(storage.pafs.FileSelector(loc.path, recursive=True))
                    if f.type == storage.pafs.FileType.File)
     assert [n for n in names if not n.startswith(("_runs/", "_manifest/"))] == [
-        "_summary.json", *sorted(f"part-{i}.parquet" for i in range(files))]  # nothing partial, no lease left
+        "_report/drift.json", "_report/drift.png", "_summary.json",
+        *sorted(f"part-{i}.parquet" for i in range(files))]  # nothing partial, no lease left
     assert _statuses(f"{s3_prefix}/out") == Counter({"done": files})
+    # The night the killed run began is one night in the drift history, every row counted once.
+    history = nights.load(loc)
+    assert len(history) == 1 and history[0]["rows"] == files * 50 and len(history[0]["runs"]) == 2
+    assert summary["drift"]["rows"] == files * 50 and summary["drift"]["night"] == history[0]["runs"][0]
 
 
 def test_a_killed_predictor_actor_is_replaced_and_the_run_completes_exactly_once(ray_head, repo_root, tiny_model,

@@ -114,3 +114,17 @@ def test_long_text_options_on_every_job(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_label(base + ["--long-texts", "split", "--chunk-overlap", "65", "--max-chunks", "0"])
     assert [p.split(" ")[0] for p in err.value.problems] == ["--long-texts", "--max-chunks", "--chunk-overlap"]
+
+
+def test_min_score_is_one_number_or_per_class_from_yaml(tmp_path):
+    base = ["--model", "m", "--input", "s3://b/in/", "--output", "s3://b/out/"]
+    assert parse_label(base).thresholds(["ham", "spam"]) is None  # never abstain
+    assert parse_label(base + ["--min-score", "0.7"]).thresholds(["ham", "spam"]).tolist() == [0.7, 0.7]
+    assert parse_label(base + ["--min-score", "spam=0.9,*=0.6"]).thresholds(["ham", "spam"]).tolist() == [0.6, 0.9]
+    cfg_file = tmp_path / "label.yaml"
+    cfg_file.write_text("min_score: {spam: 0.9}\nmax_drift: 0.1\n")
+    cfg = parse_label(base + ["--config", str(cfg_file)])
+    assert cfg.thresholds(["ham", "spam"]).tolist() == [0.0, 0.9] and cfg.max_drift == 0.1
+    with pytest.raises(ConfigError) as err:
+        parse_label(base + ["--min-score", "spam=high", "--max-drift", "0"])
+    assert "--min-score must be a score in [0, 1]" in str(err.value) and "--max-drift must be > 0" in str(err.value)

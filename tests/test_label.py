@@ -108,3 +108,49 @@ def test_reading_windows_are_cut_by_rows_and_with_chunk_by_text_bytes_too():
     by_bytes = list(windows_of(iter(events), "text", max_rows=200, max_text_bytes=1_000_000))
     assert [[k for k, _ in w] for w in by_bytes] == [["rows", "rows"], ["end", "rows"], ["rows"], ["error", "rows"]]
     assert [e for w in by_bytes for e in w] == events  # nothing lost, nothing reordered
+
+
+def test_min_score_abstains_and_a_night_whose_labels_moved_is_flagged_after_committing(trained, s3_prefix, tmp_path):
+    """Users route low-confidence rows to people, and are told (exit 4) when tonight's labels moved."""
+    from conftest import NEGATIVE, POSITIVE, easy_rows
+
+    from textlabel import nights
+
+    balanced = easy_rows(400, seed=21)
+    unsure = [f"the {POSITIVE[i % 8]} and {NEGATIVE[(i * 3) % 8]} film" for i in range(40)]  # both polar words
+    night1 = pa.table({"text": balanced["text"].to_pylist() + unsure, "truth": balanced["label"].to_pylist() + [None] * 40})
+    put_parquet(f"{s3_prefix}/in/night-1.parquet", night1)
+    out = f"{s3_prefix}/out"
+    config = tmp_path / "label.yaml"  # a wrong "positive" costs more: only positive labels need a score of 0.999
+    config.write_text("min_score: {positive: 0.999}\n")
+    args = ["--model", f"{trained['output']}/model", "--input", f"{s3_prefix}/in/", "--output", out, "--max-length", 32,
+            "--num-actors", 1, "--config", config]
+    assert _label(args) == 0
+    labelled = read_output(out)
+    abstained = np.array(labelled["label"].is_null().to_pylist())
+    score = labelled["score"].to_numpy()
+    assert (score > 0.5).all() and (score[abstained] < 0.999).all()  # every row keeps its score
+    assert set(labelled["label"].drop_null().to_pylist()) == {"negative"}  # the class without a threshold
+    truth = np.array(night1["truth"].to_pylist()[:400])
+    assert np.mean(abstained[:400] == (truth == "positive")) > 0.97  # the rows predicted positive, as scored
+    assert labelled["skip_reason"].to_pylist() == ["low_confidence" if a else None for a in abstained]
+    summary = storage.read_json(resolve(out).join("_summary.json"))
+    assert summary["rows_skipped"] == {"low_confidence": int(abstained.sum())}
+    assert summary["rows_labelled"] == night1.num_rows - abstained.sum()
+    drift = summary["drift"]
+    assert drift["primary"] == "training" and not drift["flagged"] and drift["tasks"]["label"]["psi"]["training"] < 0.2
+    assert drift["rows"] == night1.num_rows and drift["tasks"]["label"]["abstained"] == abstained.sum()
+    assert sum(drift["tasks"]["label"]["score_histogram"]) == night1.num_rows
+    # The second night's corpus is all one class: labelled, committed, then flagged.
+    positive = easy_rows(600, seed=22).filter(pa.compute.equal(easy_rows(600, seed=22)["label"], "positive"))
+    put_parquet(f"{s3_prefix}/in/night-2.parquet", pa.table({"text": positive["text"], "truth": positive["label"]}))
+    assert _label(args) == 4
+    summary = storage.read_json(resolve(out).join("_summary.json"))
+    assert summary["files_labelled"] == 1 and read_output(out).num_rows == night1.num_rows + positive.num_rows
+    drift = summary["drift"]
+    assert drift["flagged"] and drift["tasks"]["label"]["shares"]["tonight"]["positive"] > 0.9
+    assert drift["tasks"]["label"]["psi"]["training"] > 0.2 and drift["tasks"]["label"]["psi"]["last_7_nights"] > 0.2
+    assert drift["nights_in_reference"] == 1 and "positive" in drift["moved"][0]
+    assert [n["rows"] for n in nights.load(resolve(out))] == [night1.num_rows, positive.num_rows]
+    png = storage.read_bytes(resolve(out).join("_report", "drift.png"))
+    assert png.startswith(b"\x89PNG")

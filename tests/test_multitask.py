@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import put_parquet, read_output, two_task_rows, resolve
-from textlabel import storage
+from textlabel import calibration, storage
 from textlabel.cli import evaluate_main, label_main, train_main
 from textlabel.model import local_model_dir
 
@@ -55,6 +55,13 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
         assert storage.exists(run.join(*name.split("/"))), name
     report = storage.read_bytes(run.join("report", "report.md")).decode()
     assert "[sentiment](sentiment/report.md)" in report and "[topic](topic/report.md)" in report
+    # One temperature per task, fitted on that task's labelled validation rows.
+    fitted = storage.read_json(run.join("model", "textlabel_calibration.json"))["tasks"]
+    assert [(t["name"], t["rows"]) for t in fitted] == [(n, tasks[n]["rows"]) for n in ("sentiment", "topic")]
+    assert all(t["temperature"] > 0 and t["nll_after"] <= t["nll_before"] for t in fitted)
+    counts = storage.read_json(run.join("model", "textlabel_training_labels.json"))["tasks"]
+    assert [len(t["counts"]) for t in counts] == [2, 3]
+    assert storage.exists(run.join("report", "topic", "reliability.png"))
 
 
 def test_a_multi_task_model_labels_every_task_in_one_pass(two_task, s3_prefix):
@@ -88,6 +95,10 @@ def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task,
         accuracy = np.mean(np.array(labelled[f"pred_{task}_label"].to_pylist(), dtype=object)[has] == y_true[has])
         assert metrics["tasks"][task]["rows"] == has.sum() < 300
         assert metrics["tasks"][task]["accuracy"] == pytest.approx(accuracy) and accuracy > 0.9
+        # ECE of the scores the labelling job writes, binned as calibration.ece bins them.
+        score = np.array(labelled[f"pred_{task}_score"].to_pylist())[has]
+        correct = np.array(labelled[f"pred_{task}_label"].to_pylist(), dtype=object)[has] == y_true[has]
+        assert list(metrics["tasks"][task]["scores"]["ece"].values()) == [pytest.approx(calibration.ece(score, correct), abs=1e-5)]
         assert storage.exists(resolve(f"{s3_prefix}/eval/{task}/confusion_matrix.png"))
     assert "[topic](topic/report.md)" in storage.read_bytes(resolve(f"{s3_prefix}/eval/report.md")).decode()
 

@@ -220,7 +220,7 @@ def test_local_output_cleans_up_after_a_killed_run(tiny_model, tmp_path):
     assert (summary["files_unchanged"], summary["files_labelled"]) == (1, 1)
     _assert_exactly_once(prefix, rows["id"].to_pylist())
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert [n for n in names if not n.startswith(("_runs/", "_manifest/"))] == ["_summary.json", "part-0.parquet",
+    assert [n for n in names if not n.startswith(("_runs/", "_manifest/", "_report/"))] == ["_summary.json", "part-0.parquet",
                                                                                "part-1.parquet"]
     # Labels deleted by hand after a clean night: a plain night does not list the outputs; --verify-outputs does.
     (tmp_path / "out" / "part-0.parquet").unlink()

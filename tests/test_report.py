@@ -96,3 +96,8 @@ def test_evaluate_job_matches_sklearn_on_independent_predictions(trained, s3_pre
     markdown = storage.read_bytes(out.join("report.md")).decode()
     _check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
     assert _png_shape(out.join("confusion_matrix.png"))[0] >= 300
+    scores = summary["scores"]  # calibration error of the scores labelling gives, and what --min-score would do
+    assert 0 <= list(scores["ece"].values())[0] < 0.2 and _png_shape(out.join("reliability.png"))[0] >= 300
+    assert [r["min_score"] for r in scores["min_score"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+    assert scores["min_score"][0] == {"min_score": 0.5, "abstained": 0.0, "accuracy": pytest.approx(summary["accuracy"], abs=1e-4)}
+    assert "## Scores" in markdown

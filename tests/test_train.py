@@ -41,13 +41,27 @@ def test_training_learns_and_records_every_epoch(trained):
     assert sum(c["support"] for c in per_class.values()) == 240
 
 
+def test_the_model_carries_its_temperature_and_training_labels_and_the_report_its_calibration(trained):
+    model = resolve(trained["output"]).join("model")
+    fitted = storage.read_json(model.join("textlabel_calibration.json"))["tasks"][0]
+    metrics = _metrics(trained["output"])
+    assert fitted == metrics["calibration"][0] == {"name": "label", **metrics["epochs"][-1]["val_calibration"]}
+    assert fitted["temperature"] > 0 and fitted["rows"] == 240
+    assert fitted["nll_after"] <= fitted["nll_before"]  # the temperature minimises NLL on these rows (1.0 is a candidate)
+    counts = storage.read_json(model.join("textlabel_training_labels.json"))["tasks"][0]
+    assert counts["labels"] == ["negative", "positive"] and sum(counts["counts"]) == metrics["train_rows"]
+    report = storage.read_bytes(resolve(trained["output"]).join("report", "report.md")).decode()
+    assert "## Scores" in report and f"Temperature {fitted['temperature']:.3f}" in report
+    assert storage.read_bytes(resolve(trained["output"]).join("report", "reliability.png")).startswith(b"\x89PNG")
+
+
 def test_saved_model_loads_in_a_plain_transformers_pipeline(trained, tmp_path):
     from transformers import pipeline
 
     model_loc = resolve(trained["output"]).join("model")
     local = storage.Location(str(tmp_path), resolve(str(tmp_path)).fs, str(tmp_path))
     names = storage.copy_dir(model_loc, local)
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(names)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "textlabel_calibration.json"} <= set(names)
     classify = pipeline("text-classification", model=str(tmp_path), device="cpu")
     texts = ["the film was superb and moving", "a dull , tedious plot", "really excellent acting", "painful and boring"]
     predicted = [p["label"] for p in classify(texts)]

@@ -35,7 +35,7 @@ def init_ray() -> None:
 
 
 def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> int:
-    from textlabel.label import FilesFailed
+    from textlabel.label import DriftFlagged, FilesFailed
 
     setup_logging()
     try:
@@ -46,6 +46,9 @@ def _run(job: Callable[[list[str] | None], object], argv: list[str] | None) -> i
     except FilesFailed as exc:
         logger.error("%s", exc)
         return 3
+    except DriftFlagged as exc:
+        logger.error("%s", exc)
+        return 4
     return 0
 
 
@@ -71,7 +74,8 @@ def _label(argv: list[str] | None) -> object:
 
 def label_main(argv: list[str] | None = None) -> int:
     """``jobs/label.py``: label what is new; exit 0 when every file is labelled, 3 when some file could
-    not be (the rest are), 2 on bad input, 1 on failure."""
+    not be (the rest are), 4 when every file is labelled but the labels drifted past --max-drift, 2 on bad
+    input, 1 on failure."""
     return _run(_label, argv)
 
 

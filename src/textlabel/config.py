@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import yaml
 
 if TYPE_CHECKING:
@@ -207,10 +208,33 @@ class LabelConfig(InferenceOptions):
     lease_seconds: float = _opt(300.0, "Lease time to live: renewed every third of it; a dead holder's lease is taken over at once when its death can be proven, else when it expires.")
     commit_every: int = _opt(500, "Records per manifest commit (a commit also happens every --commit-seconds).")
     commit_seconds: float = _opt(10.0, "Most seconds a finished file waits for its record to be committed.")
+    min_score: dict | None = _opt(None, "Abstain below this calibrated score: a row whose top score is under it keeps its score but gets a null label (skip_reason low_confidence). A number for every class, or per class: CLASS=S,... (YAML: a mapping; '*' for the classes not named).")
+    max_drift: float = _opt(0.2, "Flag the night (exit 4, after its labels are committed) when the population stability index of its labels against the primary reference exceeds this: the model's training labels, else the last 7 nights.")
+
+    def thresholds(self, labels: list[str]) -> np.ndarray | None:
+        """--min-score as one threshold per class of ``labels`` (None: never abstain)."""
+        if self.min_score is None:
+            return None
+        if not isinstance(self.min_score, dict):
+            return np.full(len(labels), float(self.min_score))
+        other = float(self.min_score.get("*", 0.0))
+        return np.array([float(self.min_score.get(name, other)) for name in labels])
+
+    def _threshold_problems(self) -> list[str]:
+        values = self.min_score if isinstance(self.min_score, dict) else {"": self.min_score}
+        if self.min_score is None:
+            return []
+        try:
+            bad = [v for v in values.values() if not 0.0 <= float(v) <= 1.0]
+        except (TypeError, ValueError):
+            bad = [values]
+        return [f"--min-score must be a score in [0, 1] or CLASS=SCORE pairs with scores in [0, 1], got {self.min_score!r}"] if bad else []
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
-        problems = _missing_required(self) + self._inference_problems()
+        problems = _missing_required(self) + self._inference_problems() + self._threshold_problems()
+        if self.max_drift <= 0:
+            problems.append(f"--max-drift must be > 0, got {self.max_drift}")
         problems += _positive(self, ["rows_per_file", "part_bytes", "max_attempts", "lease_seconds", "commit_every",
                                      "commit_seconds"])
         if self.relabel and self.keep_old_labels:
@@ -259,6 +283,16 @@ def _positive(cfg: Any, names: list[str]) -> list[str]:
 C = TypeVar("C")
 
 
+def _number_or_mapping(text: str) -> float | dict[str, float] | str:
+    """``0.7`` or ``spam=0.9,*=0.6`` from the command line (a bad value is left for validate to name)."""
+    try:
+        if "=" not in text:
+            return float(text)
+        return {k.strip(): float(v) for k, _, v in (pair.partition("=") for pair in text.split(","))}
+    except ValueError:
+        return text
+
+
 def _base_type(tp: Any) -> type:
     """``int | None`` -> int; ``list[str]`` -> list."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -296,6 +330,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
         elif tp is list:
             parser.add_argument(flag, action="append", metavar=f.name.upper(), help=help_ + "; repeatable")
+        elif tp is dict:
+            parser.add_argument(flag, type=_number_or_mapping, metavar=f.name.upper(), help=help_)
         else:
             parser.add_argument(flag, type=tp, metavar=f.name.upper(), help=help_)
     return parser

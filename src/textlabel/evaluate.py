@@ -23,7 +23,7 @@ from textlabel import pool as pool_lib
 from textlabel import storage
 from textlabel.config import EvaluateConfig
 from textlabel.predict import TableLabeller, output_columns
-from textlabel.report import length_groups, write_report
+from textlabel.report import Scores, length_groups, write_report
 
 logger = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 2000
@@ -47,7 +47,7 @@ def _predict(cfg: EvaluateConfig, table: pa.Table, tasks: list[model_lib.Task]) 
     blocks = -(-table.num_rows // ROWS_PER_BLOCK)
     pool = pool_lib.for_job(cfg, blocks)
     chunked = cfg.long().chunked
-    ids = [c for c in output_columns([t.name for t in tasks], "pred_", chunked) if c.endswith("label_id")]
+    ids = [c for c in output_columns([t.name for t in tasks], "pred_", chunked) if c.endswith(("label_id", "score"))]
     extra = ["pred_truncated"] + (["pred_chunks"] if chunked else [])
     rows = table.select(["text"]).append_column("row_id", pa.array(np.arange(table.num_rows)))
     ds = data_lib.to_dataset(rows, blocks).map_batches(
@@ -60,17 +60,31 @@ def _predict(cfg: EvaluateConfig, table: pa.Table, tasks: list[model_lib.Task]) 
     predicted = pa.concat_tables(ds.select_columns(["row_id", *ids, *extra]).iter_batches(batch_format="pyarrow")).sort_by("row_id")
     if predicted.num_rows != table.num_rows:
         raise RuntimeError(f"predicted {predicted.num_rows} of {table.num_rows} rows; see the Ray Data log above")
-    return predicted.drop_columns(["row_id"]).rename_columns([t.name or "" for t in tasks] + [c[len("pred_"):] for c in extra])
+    names = [f"{t.name or ''}{suffix}" for t in tasks for suffix in ("", ":score")]
+    return predicted.drop_columns(["row_id"]).rename_columns(names + [c[len("pred_"):] for c in extra])
 
 
 def _task_report(out: storage.Location, task: model_lib.Task, y_true: np.ndarray, y_pred: np.ndarray,
-                 texts: np.ndarray, predicted: pa.Table) -> dict[str, Any]:
+                 texts: np.ndarray, predicted: pa.Table, fitted: dict | None) -> dict[str, Any]:
     has = y_true >= 0  # rows with a label for this task
+    score = predicted[f"{task.name or ''}:score"].to_numpy()[has]
+    name = f"scores (T={fitted['temperature']:.2f}, as labelling gives them)" if fitted else "scores (uncalibrated model)"
+    scores = Scores({name: (score, y_pred[has] == y_true[has])}, fitted)
     chunks = predicted["chunks"].to_numpy(zero_copy_only=False)[has] if "chunks" in predicted.column_names else None
     truncated = predicted["truncated"].fill_null(False).to_numpy(zero_copy_only=False)[has]
     groups = length_groups(y_true[has], y_pred[has], chunks, truncated)
-    metrics = write_report(out, list(task.labels), y_true[has], y_pred[has], list(texts[has]), by_length=groups)
+    metrics = write_report(out, list(task.labels), y_true[has], y_pred[has], list(texts[has]), by_length=groups, scores=scores)
     return {"rows": int(has.sum()), "labels": list(task.labels), **metrics}
+
+
+def _calibration(model: str | None, tasks: int) -> list[dict | None]:
+    """Each task's calibration record (its temperature, as fitted at training time), or None."""
+    import os
+
+    found = os.path.join(model_lib.local_model_dir(model), model_lib.CALIBRATION_FILE)
+    if not os.path.isfile(found):
+        return [None] * tasks
+    return list(storage.read_json(storage.resolve(found))["tasks"])
 
 
 def _long_text_counts(cfg: EvaluateConfig, predicted: pa.Table) -> dict[str, Any]:
@@ -92,11 +106,12 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
         start_ray()
     predicted = _predict(cfg, table, tasks)
     out, texts = storage.resolve(cfg.output), np.array(table["text"].to_pylist(), dtype=object)
+    fitted = _calibration(cfg.model, len(tasks))
     if tasks[0].name is None:
-        metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts, predicted)
+        metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts, predicted, fitted[0])
     else:
         per_task = {t.name: _task_report(out.join(t.name), t, table[f"y:{t.name}"].to_numpy(), predicted[t.name].to_numpy(),
-                                         texts, predicted) for t in tasks}
+                                         texts, predicted, f) for t, f in zip(tasks, fitted)}
         metrics = {"tasks": per_task, "accuracy": float(np.mean([m["accuracy"] for m in per_task.values()])),
                    "macro_f1": float(np.mean([m["macro_f1"] for m in per_task.values()]))}
         lines = ["# Evaluation report (multi-task)", "", "| task | classes | rows | accuracy | macro-F1 |", "| --- | --- | --- | --- | --- |"]
@@ -107,6 +122,7 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
                "seconds": round(time.perf_counter() - start, 1), **metrics}
     summary["long_texts"] = _long_text_counts(cfg, predicted)
     storage.write_json(out.join("metrics.json"), summary)
-    logger.info("accuracy %.4f, macro-F1 %.4f on %d rows (%s); report in %s", metrics["accuracy"], metrics["macro_f1"],
-                table.num_rows, ", ".join(f"{k} {v}" for k, v in summary["long_texts"].items()), out.join("report.md").url)
+    eces = [m["scores"]["ece"] for m in ([metrics] if tasks[0].name is None else metrics["tasks"].values())]
+    logger.info("accuracy %.4f, macro-F1 %.4f, ECE %s on %d rows (%s); report in %s", metrics["accuracy"], metrics["macro_f1"],
+                ", ".join(f"{v:.4f}" for e in eces for v in e.values()), table.num_rows, ", ".join(f"{k} {v}" for k, v in summary["long_texts"].items()), out.join("report.md").url)
     return summary

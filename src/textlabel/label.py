@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from textlabel import data as data_lib
 from textlabel import lease as lease_lib
 from textlabel import model as model_lib
-from textlabel import plan, predict, storage, sweep
+from textlabel import drift, nights, plan, predict, storage, sweep
 from textlabel import pool as pool_lib
 from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
@@ -58,6 +58,10 @@ SAMPLE = 8  # footers read on the driver to fail fast on a wrong option
 
 class FilesFailed(RuntimeError):
     """The run finished every file it could, but some could not be labelled (exit code 3)."""
+
+
+class DriftFlagged(RuntimeError):
+    """Every label is committed, but tonight's labels moved past --max-drift from the reference (exit code 4)."""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Night:
     footers: dict[str, plan.Footer] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # input -> reason, found before labelling
     model_id: str = ""
+    min_scores: list[list[float] | None] | None = None  # --min-score per task, one threshold a class
     added: list[str] = field(default_factory=list)
     previous: dict[str, FileRecord] = field(default_factory=dict)  # pending files' records before this run
     tally: Tally = field(default_factory=Tally)
@@ -152,6 +157,19 @@ def _check_footers(night: Night) -> None:
         raise data_lib.DataError(f"no input file can be labelled; the first, {first}: {night.failed[first]}")
 
 
+def _thresholds(cfg: LabelConfig) -> list[list[float] | None] | None:
+    """--min-score per task and class; a class it names must be one of the model's."""
+    if cfg.min_score is None:
+        return None
+    tasks = model_lib.task_labels(cfg.model)
+    known = {name for t in tasks for name in t.labels}
+    unknown = sorted(set(cfg.min_score) - known - {"*"}) if isinstance(cfg.min_score, dict) else []
+    if unknown:
+        raise ConfigError([f"--min-score names class(es) {', '.join(unknown)} that the model does not have; its classes: "
+                           f"{', '.join(sorted(known))}"])
+    return [cfg.thresholds(list(t.labels)).tolist() for t in tasks]
+
+
 def _plan(night: Night) -> None:
     cfg, out = night.cfg, night.out
     manifest = night.manifest = Manifest.load(out)
@@ -164,6 +182,7 @@ def _plan(night: Night) -> None:
     model_lib.check_model_dir(cfg.model)
     night.model_id = model_lib.identity(cfg.model)
     _check_manifest(night)
+    night.min_scores = _thresholds(cfg)
     night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix, cfg.long().chunked)
     _check_footers(night)  # again, for files that already have the columns the labels would add
     if swept:
@@ -221,6 +240,9 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
         logger.error("FAILED %s: %s", listed.input, record.error)
     stale = (old | set(outcome.written)) - set(record.outputs)
     night.committer.add(record, sorted(stale))
+    if record.status == Status.DONE:  # tonight's labels, for drift
+        for r in results:
+            night.tally.labels = drift.add(night.tally.labels, r.label_stats)
     night.tally.add(record)
 
 
@@ -232,7 +254,7 @@ def _spec(night: Night) -> LabellerSpec:
     return LabellerSpec(cfg.model, night.model_id, cfg.input, night.run, cfg.output, cfg.text_column, cfg.label_prefix,
                         night.added, list(reference) if reference else None, cfg.max_length,
                         cfg.predictor_options(night.pool.threads), cfg.rows_per_file, cfg.part_bytes, cfg.max_attempts,
-                        long_texts=dataclasses.asdict(cfg.long()), hooks=hooks)
+                        long_texts=dataclasses.asdict(cfg.long()), min_scores=night.min_scores, hooks=hooks)
 
 
 def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:
@@ -310,15 +332,25 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
         if night.lease:
             night.lease.check()
         night.tally.manifest = night.manifest.finish()
+        night.tally.drift = nights.record(night)  # before the summary: a kill now leaves the night to a rerun
     except BaseException as exc:
         crashed = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         summary = _end(night, crashed, time.perf_counter() - start)
+    found = summary.get("drift") or {}
+    drifted = "; ".join(found.get("moved", [])) if found.get("flagged") else ""
+    if drifted:
+        drifted = (f"tonight's labels drifted past --max-drift {cfg.max_drift}: {drifted}. They are committed; "
+                   f"see {night.out.join(*nights.PNG).url}")
     if summary["files_failed"]:
+        if drifted:
+            logger.warning("%s", drifted)
         raise FilesFailed(f"{summary['files_failed']} input file(s) could not be labelled (see FAILED lines above and "
                           f"{night.out.join('_summary.json').url}); every other file is labelled. Fix or remove them "
                           "and rerun: only they will be labelled")
+    if drifted:
+        raise DriftFlagged(drifted)
     return summary
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from textlabel import predict, storage
+from textlabel import drift, predict, storage
 from textlabel.plan import Footer, Item, PartSpec, Unit, check_footer, columns_note, read_problem, split
 from textlabel.records import OUTPUT_META, ItemResult, part_name
 
@@ -68,6 +68,7 @@ class LabellerSpec:
     part_bytes: int
     max_attempts: int
     long_texts: dict[str, Any] = field(default_factory=dict)  # chunking.LongTexts' fields
+    min_scores: list[list[float] | None] | None = None  # per task, a --min-score per class
     hooks: dict[str, str] = field(default_factory=dict)  # test-only fault hooks (TEXTLABEL_TEST_HOOKS)
 
 
@@ -101,6 +102,7 @@ class _Out:
     rows_in: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    label_stats: list[dict] | None = None  # per task: drift.task_stats of its rows
 
     @property
     def name(self) -> str:
@@ -109,6 +111,7 @@ class _Out:
     def result(self, **changes: Any) -> ItemResult:
         return ItemResult(self.item.input, self.part.index, self.part.count, self.name, self.fingerprint, self.rows_in,
                           rows_skipped=dict(self.skipped), rows_truncated=self.truncated, note=self.note,
+                          label_stats=self.label_stats,
                           seconds=round(time.perf_counter() - self.start, 3), **changes)
 
 
@@ -144,6 +147,7 @@ class PartLabeller:
         s = self.spec
         self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks)
         self.long = predict.LongTexts(**s.long_texts)
+        self.min_scores = [None if m is None else np.asarray(m) for m in s.min_scores] if s.min_scores else None
         self.out = storage.resolve(s.output)
         self.src = storage.resolve(s.input)
         self.tracker = tracker
@@ -328,7 +332,11 @@ class PartLabeller:
         return results
 
     def _apply(self, window, prepared: predict.Prepared, results: list[ItemResult], writes: list[Future], writer) -> None:
-        columns = self.predictor.label(prepared, self.spec.label_prefix) if len(prepared) else {}
+        scored = self.predictor.score(prepared) if len(prepared) else None
+        columns = self.predictor.columns(prepared, scored, self.spec.label_prefix, self.min_scores) if scored else {}
+        reasons = columns[self.spec.label_prefix + "skip_reason"].to_pylist() if scored else []  # low_confidence too
+        unsure = [scored.abstained(k, self.min_scores[k] if self.min_scores else None)
+                  for k in range(len(self.predictor.tasks))] if scored else []
         offset = 0
         for kind, value in window:
             if kind == "error":
@@ -341,12 +349,21 @@ class PartLabeller:
                 table = pa.Table.from_batches([batch])
                 for name, column in columns.items():
                     table = table.append_column(name, column.slice(offset, n))
-                why = prepared.reasons[offset:offset + n]
+                read = [r is None for r in prepared.reasons[offset:offset + n]]
                 out.tables.append(table)
                 out.rows_in += n
-                out.skipped.update(r for r in why if r is not None)
-                out.truncated += int(np.asarray(prepared.truncated[offset:offset + n])[[r is None for r in why]].sum())
+                out.skipped.update(r for r in reasons[offset:offset + n] if r is not None)
+                out.truncated += int(np.asarray(prepared.truncated[offset:offset + n])[read].sum())
+                if scored is not None and n:
+                    out.label_stats = drift.add(out.label_stats, self._stats(scored, unsure, offset, n))
                 offset += n
+
+    def _stats(self, scored: predict.Scored, unsure: list[np.ndarray], offset: int, n: int) -> list[dict]:
+        """Per task, drift's figures of rows offset..offset+n of a window (its scored rows)."""
+        rows = slice(offset, offset + n)
+        present = scored.present[rows]
+        return [drift.task_stats(scored.ids[k][rows][present], scored.scores[k][rows][present], len(task.labels),
+                                 unsure[k][rows]) for k, task in enumerate(self.predictor.tasks)]
 
     def _write(self, out: _Out) -> ItemResult:
         start = time.perf_counter()
@@ -357,7 +374,8 @@ class PartLabeller:
             meta = {"input": out.item.input, "input_version": out.fingerprint, "part": f"{out.part.index}/{out.part.count}",
                     "rows": f"{out.part.start}-{out.part.stop}", "model": self.spec.model_id, "run": self.spec.run,
                     "rows_in": str(out.rows_in), "rows_skipped": json.dumps(dict(out.skipped)),
-                    "rows_truncated": str(out.truncated), "long_texts": json.dumps(dataclasses.asdict(self.long))}
+                    "rows_truncated": str(out.truncated), "long_texts": json.dumps(dataclasses.asdict(self.long)),
+                    "label_stats": json.dumps(out.label_stats)}
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **{OUTPUT_META + k: v for k, v in meta.items()}})
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)

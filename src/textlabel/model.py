@@ -190,6 +190,20 @@ def task_names(model: str | None) -> list[str | None]:
     return [None]
 
 
+def task_labels(model: str | None) -> list[Task]:
+    """A --model's tasks with their labels, from its config files alone: a model on S3 is not fetched."""
+    if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
+        loc = storage.resolve(model)
+        if storage.exists(loc.join(TASKS_FILE)):
+            return [Task(t["name"], tuple(t["labels"])) for t in storage.read_json(loc.join(TASKS_FILE))["tasks"]]
+        from transformers import AutoConfig
+
+        found = storage.read_json(loc.join("config.json"))  # its defaults fill what it leaves out (LABEL_0, ...)
+        config = AutoConfig.for_model(found.pop("model_type"), **found)
+        return [Task(None, tuple(config.id2label[i] for i in range(config.num_labels)))]
+    return tasks_of(model)
+
+
 def tasks_of(model: str | None) -> list[Task]:
     """A --model's tasks with their labels, from its config files (the weights are not loaded)."""
     import json
@@ -229,6 +243,48 @@ def inference_model(model_dir: str):
     classifier = load_classifier(model_dir)
     config = classifier.config
     return _logits_list()(classifier).eval(), [Task(None, tuple(config.id2label[i] for i in range(config.num_labels)))]
+
+
+# Beside the weights, files plain transformers never reads (from_pretrained and pipeline() ignore them):
+# CALIBRATION_FILE: each task's temperature (calibration.py), fitted on the validation rows;
+# TRAINING_LABELS_FILE: each task's training rows per class (the labelling job's drift reference).
+CALIBRATION_FILE = "textlabel_calibration.json"
+TRAINING_LABELS_FILE = "textlabel_training_labels.json"
+
+
+def write_extras(directory: str, calibration: dict, training_labels: list[dict]) -> None:
+    """Write the calibration record and the training label counts into a model directory."""
+    import json
+
+    with open(os.path.join(directory, CALIBRATION_FILE), "w") as f:
+        json.dump(calibration, f, indent=2)
+    with open(os.path.join(directory, TRAINING_LABELS_FILE), "w") as f:
+        json.dump({"format": 1, "tasks": training_labels}, f, indent=2)
+
+
+def temperatures(model_dir: str, tasks: int) -> list[float]:
+    """Each task's temperature, in task order; 1.0 (scores as the softmax gives them) for a model without one."""
+    import json
+
+    path = os.path.join(model_dir, CALIBRATION_FILE)
+    if not os.path.isfile(path):
+        return [1.0] * tasks
+    with open(path) as f:
+        found = [float(t["temperature"]) for t in json.load(f)["tasks"]]
+    if len(found) != tasks or not all(t > 0 for t in found):
+        raise ModelError(f"{path}: expected {tasks} positive temperature(s), found {found}; delete the file to label "
+                         "with uncalibrated scores")
+    return found
+
+
+def training_labels(model: str | None) -> list[dict] | None:
+    """The training label counts saved with a --model (name, labels, counts per task), read without fetching
+    the weights; None for a model trained elsewhere."""
+    if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
+        found = storage.resolve(model).join(TRAINING_LABELS_FILE)
+        if storage.exists(found):
+            return storage.read_json(found)["tasks"]
+    return None
 
 
 def save(model, tokenizer, directory: str) -> None:

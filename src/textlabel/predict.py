@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from textlabel import chunking
+from textlabel import calibration, chunking
 from textlabel import model as model_lib
 from textlabel import runtime as runtime_lib
 from textlabel.chunking import LongTexts
@@ -42,6 +42,7 @@ SKIP_REASONS = {
     "blank_text": "the text is empty or only whitespace",
     "not_text": "the text column holds non-text values (numbers, lists, ...)",
     "invalid_utf8": "the text is bytes that are not valid UTF-8",
+    "low_confidence": "its top score is under --min-score (the score is kept; the label is left to a person)",
 }
 # Texts are cut at this many characters per allowed token before tokenizing, so a 10 MB row
 # cannot stall a batch. Ordinary text averages 4-5 characters a token, so the cut never moves
@@ -238,7 +239,9 @@ class Predictor:
         device = torch.device("cuda" if use_gpu else "cpu")
         self.precision = precision or ("bf16" if use_gpu else "fp32")
         self.runtime = runtime_lib.choose(runtime, use_gpu, self.precision)
-        net, self.tasks = model_lib.inference_model(model_lib.local_model_dir(model))
+        model_dir = model_lib.local_model_dir(model)
+        net, self.tasks = model_lib.inference_model(model_dir)
+        self.temperatures = model_lib.temperatures(model_dir, len(self.tasks))  # 1.0: the softmax as it is
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         net = net.to(device, dtype=dtype)  # cast once: no autocast over fp32 weights
         if compile:
@@ -265,7 +268,8 @@ class Predictor:
         if limit and len(rows) * max(len(r) for r in rows) > limit:
             raise self.torch.cuda.OutOfMemoryError(f"test hook: {len(rows)} rows over {limit} tokens")
         probs = []
-        for logits in net(*self._arrays(rows)):
+        for logits, temperature in zip(net(*self._arrays(rows)), self.temperatures):
+            logits = np.asarray(logits, dtype=np.float32) / temperature  # calibrated (calibration.py)
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
             probs.append(e / e.sum(axis=1, keepdims=True))
         return probs
@@ -312,9 +316,9 @@ class Predictor:
         self.stats.model_seconds += time.perf_counter() - start
         return probs
 
-    def label(self, prepared: Prepared, prefix: str = "") -> dict[str, pa.Array]:
-        """The output columns (output_columns' names) for prepared rows; null labels where a row has no tokens.
-        A chunked row's probabilities combine its windows' (chunking.combine)."""
+    def score(self, prepared: Prepared) -> "Scored":
+        """Each task's calibrated probabilities for prepared rows; a chunked row's combine its windows'
+        (chunking.combine)."""
         present = prepared.chunks > 0
         probs = self.probabilities(prepared.windows)
         if prepared.chunked:
@@ -323,24 +327,57 @@ class Predictor:
         self.stats.rows += int(present.sum())
         self.stats.chunked_rows += int((prepared.chunks > 1).sum())
         self.stats.chunks_dropped += int(prepared.dropped.sum())
-        names = output_columns([t.name for t in self.tasks], prefix, prepared.chunked)
-        out: dict[str, pa.Array] = {}
-        missing = ~present
-        for k, (task, p) in enumerate(zip(self.tasks, probs)):
-            label_id = np.zeros(len(present), dtype=np.int64)
+        ids, scores = [], []
+        for p in probs:
+            label_id = np.full(len(present), -1, dtype=np.int64)
             score = np.zeros(len(present), dtype=np.float32)
             label_id[present] = p.argmax(axis=1) if len(p) else []
             score[present] = p.max(axis=1) if len(p) else []
+            ids.append(label_id)
+            scores.append(score)
+        return Scored(ids, scores, present)
+
+    def label(self, prepared: Prepared, prefix: str = "", min_scores: list[np.ndarray | None] | None = None
+              ) -> dict[str, pa.Array]:
+        """The output columns (output_columns' names) for prepared rows: null labels where a row has no tokens.
+        ``min_scores``: per task, a threshold per class (--min-score)."""
+        return self.columns(prepared, self.score(prepared), prefix, min_scores)
+
+    def columns(self, prepared: Prepared, scored: "Scored", prefix: str = "",
+                min_scores: list[np.ndarray | None] | None = None) -> dict[str, pa.Array]:
+        """The output columns of scored rows. A row whose top score is under its class's --min-score keeps its
+        score but gets no label (skip_reason low_confidence; for a multi-task model, in any task)."""
+        names = output_columns([t.name for t in self.tasks], prefix, prepared.chunked)
+        out: dict[str, pa.Array] = {}
+        missing = ~scored.present
+        reasons = list(prepared.reasons)
+        for k, (task, label_id, score) in enumerate(zip(self.tasks, scored.ids, scored.scores)):
+            unsure = scored.abstained(k, min_scores[k] if min_scores else None)
+            for i in np.flatnonzero(unsure):
+                reasons[i] = "low_confidence"
             labels = np.array(task.labels, dtype=object)
             label_c, id_c, score_c = names[3 * k: 3 * k + 3]
-            out[label_c] = pa.array(labels[label_id], type=pa.string(), mask=missing)
-            out[id_c] = pa.array(label_id, mask=missing)
+            out[label_c] = pa.array(labels[label_id.clip(min=0)], type=pa.string(), mask=missing | unsure)
+            out[id_c] = pa.array(label_id.clip(min=0), mask=missing | unsure)
             out[score_c] = pa.array(score, mask=missing)
         out[prefix + "truncated"] = pa.array(prepared.truncated, mask=missing)
         if prepared.chunked:
             out[prefix + "chunks"] = pa.array(prepared.chunks.astype(np.int32), mask=missing)
-        out[prefix + "skip_reason"] = pa.array(prepared.reasons, type=pa.string())
+        out[prefix + "skip_reason"] = pa.array(reasons, type=pa.string())
         return out
+
+
+@dataclass
+class Scored:
+    """Per task, each row's predicted class (-1: not scored) and calibrated top score; which rows were scored."""
+
+    ids: list[np.ndarray]
+    scores: list[np.ndarray]
+    present: np.ndarray
+
+    def abstained(self, task: int, min_score: np.ndarray | None) -> np.ndarray:
+        """Scored rows whose top score in ``task`` is under their predicted class's threshold."""
+        return calibration.abstains(self.ids[task].clip(min=0), self.scores[task], min_score) & self.present
 
 
 class TableLabeller:

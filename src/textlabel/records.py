@@ -121,6 +121,7 @@ class ItemResult:
     stats: dict[str, float] | None = None  # the model's work for the whole unit (on one result of each unit)
     note: str | None = None
     seconds: float = 0.0
+    label_stats: list[dict] | None = None  # per task: drift.task_stats of the output's rows
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

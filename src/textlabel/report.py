@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from textlabel import storage
+from textlabel import calibration, storage
 from textlabel.metrics import classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,36 @@ def _length_table(groups: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+@dataclass
+class Scores:
+    """How far the scores can be trusted: (confidence, correct) per row for each set drawn in reliability.png
+    (before and after calibration, or the scores as labelling gives them), the calibration figures if fitted."""
+
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]
+    calibration: dict[str, Any] | None = None  # calibration.summary's figures
+
+    def figures(self) -> dict[str, Any]:
+        """ECE of each set, the calibration record, and what --min-score would do (on the last set)."""
+        confidence, correct = list(self.curves.values())[-1]
+        return {"ece": {name: round(calibration.ece(c, ok), 5) for name, (c, ok) in self.curves.items()},
+                **({"calibration": self.calibration} if self.calibration else {}),
+                "min_score": calibration.coverage(confidence, correct)}
+
+
+def _scores_lines(figures: dict[str, Any]) -> list[str]:
+    lines = ["## Scores", "", "Expected calibration error (15 bins; 0 = a score of 0.8 is right 80% of the time):", "",
+             "| scores | ECE |", "| --- | --- |", *[f"| {n} | {v:.4f} |" for n, v in figures["ece"].items()], ""]
+    if figures.get("calibration"):
+        c = figures["calibration"]
+        lines += [f"Temperature {c['temperature']:.3f}, fitted on {c['rows']} validation rows: NLL {c['nll_before']:.4f} "
+                  f"-> {c['nll_after']:.4f}.", ""]
+    lines += ["![reliability diagram](reliability.png)", "", "What `--min-score` would do on these rows:", "",
+              "| --min-score | rows abstained | accuracy of the rest |", "| --- | --- | --- |"]
+    lines += [f"| {r['min_score']} | {r['abstained']:.1%} | {'-' if r['accuracy'] is None else format(r['accuracy'], '.4f')} |"
+              for r in figures["min_score"]]
+    return lines + [""]
+
+
 def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
                     texts: list[str], baseline: dict[str, Any] | None, has_curves: bool) -> str:
     """report.md: headline table, per-class table, confused pairs, misclassified examples."""
@@ -138,6 +169,8 @@ def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarr
         lines += ["![training curves](training_curves.png)", ""]
     if metrics.get("by_length"):
         lines += _length_table(metrics["by_length"])
+    if metrics.get("scores"):
+        lines += _scores_lines(metrics["scores"])
     lines += ["## Per class (fine-tuned model)", "", *_per_class_table(metrics), ""]
     if baseline:
         lines += ["## Per class (TF-IDF baseline)", "", *_per_class_table(baseline), ""]
@@ -151,10 +184,13 @@ def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarr
 
 def write_report(directory: storage.Location, labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
                  texts: list[str], epochs: list[dict] | None = None, baseline: dict[str, Any] | None = None,
-                 by_length: dict[str, Any] | None = None) -> dict[str, Any]:
+                 by_length: dict[str, Any] | None = None, scores: Scores | None = None) -> dict[str, Any]:
     """Write report.md and its PNGs under ``directory``; returns the model's metrics (with ``by_length``:
-    length_groups' figures, also shown in report.md)."""
+    length_groups' figures, and ``scores``: ECE, calibration and abstaining, with reliability.png)."""
     metrics = classification_metrics(y_true, y_pred, labels) | ({"by_length": by_length} if by_length else {})
+    if scores is not None:
+        metrics["scores"] = scores.figures()
+        storage.write_bytes(directory.join("reliability.png"), calibration.reliability_png(scores.curves))
     storage.write_bytes(directory.join("confusion_matrix.png"), confusion_png(y_true, y_pred, labels))
     if epochs:
         storage.write_bytes(directory.join("training_curves.png"), curves_png(epochs))

@@ -40,6 +40,8 @@ class Tally:
     records: list[FileRecord] = field(default_factory=list)
     pool: dict | None = None  # the predictor pool and why (pool.Pool)
     inference: Counter = field(default_factory=Counter)  # summed predictor figures of every unit
+    labels: list[dict] | None = None  # per task: drift.task_stats summed over the files labelled
+    drift: dict | None = None  # nights.record's result
 
     def add(self, record: FileRecord) -> None:
         self.records.append(record)
@@ -96,6 +98,7 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
         "rows_skipped": dict(skipped), "rows_truncated": sum(r.rows_truncated for r in done),
         "long_texts": cfg.long_texts, "rows_chunked": t.inference.get("chunked_rows", 0),
         "chunks_dropped": t.inference.get("chunks_dropped", 0),
+        "min_score": cfg.min_score, "drift": t.drift,
         "output_files": output_files, "output_rows": output_rows, "units": t.units, "pool": t.pool,
         "inference": _inference(t.inference),
         "commits": night.committer.commits if night.committer else 0, "manifest": t.manifest,
@@ -114,4 +117,10 @@ def write_summary(night: "Night", seconds: float, crashed: str | None) -> dict[s
                 summary["rows_per_second"], summary["files_adopted"], summary["files_unchanged"], summary["files_failed"],
                 summary["rows_skipped_total"], summary["rows_skipped"] or "", summary["rows_truncated"],
                 summary["rows_chunked"], night.out.join(SUMMARY).url)
+    if summary["drift"] and summary["drift"].get("rows"):
+        d = summary["drift"]
+        logger.info("drift: %s; against %s (max %s)%s", "; ".join(
+            f"{k}: PSI " + (", ".join(f"{v:.3f} vs {r.replace('_', ' ')}" for r, v in t["psi"].items()) or "- (no reference yet)")
+            + f", mean score {t['mean_score']:.3f}" for k, t in d["tasks"].items()), d["primary"] or "nothing yet",
+            d["max_drift"], " FLAGGED" if d["flagged"] else "")
     return summary

@@ -38,7 +38,7 @@ def facts(meta: dict[bytes, bytes] | None) -> dict[str, str] | None:
     return {k[len(prefix):].decode(): v.decode() for k, v in meta.items() if k.startswith(prefix)}
 
 
-def _read_facts(out: storage.Location, name: str) -> dict[str, str] | None:
+def read_facts(out: storage.Location, name: str) -> dict[str, str] | None:
     try:
         with out.fs.open_input_file(out.join(*name.split("/")).path) as fh:
             return facts(pq.read_metadata(fh).metadata)
@@ -52,7 +52,7 @@ def adopt(out: storage.Location, selection: plan.Selection, model: str, relabel:
     stray = [p[len(out.path.rstrip("/")) + 1:] for p in storage.local_temp_files(out)]
     orphans = selection.orphans
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(orphans, pool.map(lambda n: _read_facts(out, n), orphans)))
+        found = dict(zip(orphans, pool.map(lambda n: read_facts(out, n), orphans)))
     pending = {f.input: f for f in selection.pending}
     by_input: dict[str, list[tuple[str, dict[str, str]]]] = {}
     for name, fact in found.items():

@@ -28,7 +28,7 @@ from textlabel import data as data_lib
 from textlabel import model as model_lib
 from textlabel import predict, storage
 from textlabel.config import ConfigError, TrainConfig
-from textlabel.report import length_groups, tfidf_baseline, write_report
+from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
 from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, settings_dict, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
         steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
+        label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
+                      for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],
     )
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -198,6 +200,18 @@ def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[di
     return storage.read_json(src.join(HISTORY_FILE)), storage.read_json(src.join(PREDICTIONS_FILE))
 
 
+def _scores(predictions: dict[str, Any], task: str | None, order: np.ndarray, keep: np.ndarray, y_true: np.ndarray,
+            figures: dict[str, Any]) -> Scores:
+    """Validation rows' scores before and after the task's temperature, for the report."""
+    def of(key: str) -> np.ndarray:
+        values = predictions[key] if task is None else predictions[key][task]
+        return np.asarray(values)[order][keep]
+
+    after = f"after calibration (T={figures['temperature']:.2f})"
+    return Scores({"before calibration": (of("score_before"), of("pred_before") == y_true),
+                   after: (of("score"), of("pred") == y_true)}, figures)
+
+
 def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str, list], epochs: list[dict]) -> dict[str, Any]:
     """OUTPUT/report/: the fine-tuned model on the validation rows, beside a TF-IDF baseline on the same split."""
     if prepared.multitask:
@@ -209,8 +223,9 @@ def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str
     baseline = tfidf_baseline(prepared.train["text"].to_pylist(), prepared.train["label_id"].to_numpy(),
                               val_texts, y_true, prepared.labels)
     every = np.arange(len(y_true))
+    scores = _scores(predictions, None, order, every, y_true, epochs[-1]["val_calibration"])
     write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline,
-                 prepared.by_length(every, y_true, y_pred))
+                 prepared.by_length(every, y_true, y_pred), scores)
     return baseline
 
 
@@ -233,8 +248,10 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
         task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_task_loss"][t["name"]], "val_loss": e["val_tasks"][t["name"]]["loss"],
                         "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
                        for e in epochs]
+        scores = _scores(predictions, t["name"], order, valid, y_true[valid], epochs[-1]["val_tasks"][t["name"]]["calibration"])
         metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
-                               task_epochs, baseline, prepared.by_length(np.flatnonzero(valid), y_true[valid], y_pred[valid]))
+                               task_epochs, baseline, prepared.by_length(np.flatnonzero(valid), y_true[valid], y_pred[valid]),
+                               scores)
         baselines[t["name"]] = baseline
         lines.append(f"| [{t['name']}]({t['name']}/report.md) | {len(t['labels'])} | {int(valid.sum())} | {metrics['accuracy']:.4f} | "
                      f"{metrics['macro_f1']:.4f} | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | {t['weight']} |")
@@ -277,6 +294,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
                            "validation_windows": prepared.validation_windows.num_rows,
                            "validation_rows_chunked": int((prepared.validation_cut.chunks > 1).sum())}}
            if prepared.validation_cut is not None else {}),
+        "calibration": storage.read_json(out.join("model", model_lib.CALIBRATION_FILE))["tasks"],
         "wall_seconds": round(time.perf_counter() - start, 1),
         **history,
         "baseline_tfidf_logreg": baseline,
@@ -284,7 +302,9 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
     storage.write_json(out.join("metrics.json"), metrics)
     final = history["epochs"][-1]
     logger.info(
-        "done: validation accuracy %.4f, macro-F1 %.4f after %d epochs; model in %s",
-        final["val_accuracy"], final["val_macro_f1"], final["epoch"], out.join("model").url,
+        "done: validation accuracy %.4f, macro-F1 %.4f after %d epochs; temperature %s (ECE %s); model in %s",
+        final["val_accuracy"], final["val_macro_f1"], final["epoch"],
+        ", ".join(f"{t['temperature']:.3f}" for t in metrics["calibration"]),
+        ", ".join(f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}" for t in metrics["calibration"]), out.join("model").url,
     )
     return metrics

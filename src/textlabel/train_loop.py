@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from textlabel import chunking
+from textlabel import calibration, chunking
 from textlabel import model as model_lib
 from textlabel.metrics import classification_metrics
 
@@ -55,6 +55,7 @@ class LoopSettings:
     seed: int
     use_gpu: bool
     steps_per_epoch: int
+    label_counts: list[list[int]]  # per task: training rows of each class (saved with the model: drift's reference)
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -169,8 +170,8 @@ def _gather(obj: Any) -> list[Any]:
 
 @torch.no_grad()
 def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> dict[str, np.ndarray]:
-    """Predictions for this worker's share (row_id % world == rank) of the whole validation set: per row (a
-    document), its windows' probabilities combined."""
+    """This worker's share (row_id % world == rank) of the validation windows: each window's row_id and, per
+    task, its probabilities and its row's gold label (rank 0 combines a document's windows)."""
     net.eval()
     found: dict[str, list[np.ndarray]] = {"row_id": []}
     for batch in ray.train.get_dataset_shard("validation").iter_batches(batch_size=4 * s.batch_size, batch_format="numpy"):
@@ -181,58 +182,85 @@ def _predict_my_rows(net, tokenizer, s: LoopSettings, rank: int, world: int, dev
             logits = _logits(net, _inputs(tokenizer, batch, mine, s.max_length, device))
         for i, (t, lg) in enumerate(zip(s.tasks, logits)):
             found.setdefault(f"probs{i}", []).append(torch.softmax(lg.float(), -1).cpu().numpy())
-            found.setdefault(f"gold{i}", []).append(batch[t["column"]][mine])
-        found["row_id"].append(batch["row_id"][mine])
+            found.setdefault(f"gold{i}", []).append(batch[t["column"]][mine].astype(np.int64))
+        found["row_id"].append(batch["row_id"][mine].astype(np.int64))
     if not found["row_id"]:
-        keys = ["row_id", *(f"{k}{i}" for i in range(len(s.tasks)) for k in ("pred", "gold", "loss"))]
-        return {k: np.empty(0) for k in keys}
-    window_rows = np.concatenate(found["row_id"])
-    rows, owner = np.unique(window_rows, return_inverse=True)  # a document's windows: one row
-    first = np.unique(owner, return_index=True)[1]
-    out = {"row_id": rows}
-    for i in range(len(s.tasks)):
-        probs = chunking.combine(np.concatenate(found[f"probs{i}"]), owner, len(rows))
-        gold = np.concatenate(found[f"gold{i}"])[first].astype(np.int64)
-        out |= {f"pred{i}": probs.argmax(1), f"gold{i}": gold,
-                f"loss{i}": -np.log(np.clip(probs[np.arange(len(rows)), gold.clip(min=0)], 1e-12, 1.0))}
-    return out
+        return {"row_id": np.empty(0, np.int64), **{f"probs{i}": np.empty((0, len(t["labels"])), np.float32)
+                                                    for i, t in enumerate(s.tasks)},
+                **{f"gold{i}": np.empty(0, np.int64) for i in range(len(s.tasks))}}
+    return {k: np.concatenate(v) for k, v in found.items()}
+
+
+def _task_figures(t: dict, probs: np.ndarray, owner: np.ndarray, gold: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One task on the validation documents (``gold``: per document, -1 = no label for this task): metrics with
+    the temperature fitted on its labelled documents, and per document the predictions before and after it."""
+    rows = len(gold)
+    valid = gold >= 0
+    keep = valid[owner]
+    sub_owner = np.unique(owner[keep], return_inverse=True)[1]
+
+    def joined(p: np.ndarray) -> np.ndarray:  # a labelled document's windows, combined as labelling does
+        return chunking.combine(p, sub_owner, int(valid.sum()))
+
+    temperature = calibration.fit_temperature(probs[keep], gold[valid], joined)
+    before = chunking.combine(probs, owner, rows)
+    after = chunking.combine(calibration.scaled(probs, temperature), owner, rows)
+    result = classification_metrics(gold[valid], after[valid].argmax(1), t["labels"])
+    loss = float(-np.log(np.clip(before[valid, gold[valid]], 1e-12, 1.0)).mean()) if valid.any() else float("nan")
+    figures = {"loss": loss, "rows": int(valid.sum()), **result,
+               "calibration": calibration.summary(probs[keep], gold[valid], temperature, joined)}
+    predicted = {"pred": after.argmax(1), "score": after.max(1), "pred_before": before.argmax(1), "score_before": before.max(1)}
+    return figures, predicted
 
 
 def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) -> tuple[dict[str, Any], dict] | None:
-    """Metrics and predictions over the whole validation set, gathered from every worker (rank 0 gets them)."""
+    """Metrics and predictions over the whole validation set, gathered from every worker (rank 0 gets them).
+    Each task's temperature is fitted here, on the validation documents, and its predictions are calibrated."""
     parts = _gather(_predict_my_rows(net, tokenizer, s, rank, world, device))
     if rank != 0:
         return None
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    assert len(np.unique(joined["row_id"])) == len(joined["row_id"]), "validation rows double-counted"
-    per_task = {}
+    rows, owner = np.unique(joined["row_id"], return_inverse=True)  # a document's windows: one row
+    first = np.unique(owner, return_index=True)[1]
+    per_task, by_task = {}, {}
     for i, t in enumerate(s.tasks):
-        gold, pred, loss = joined[f"gold{i}"].astype(np.int64), joined[f"pred{i}"].astype(np.int64), joined[f"loss{i}"]
-        valid = gold >= 0  # rows without this task's label are not scored on it
-        result = classification_metrics(gold[valid], pred[valid], t["labels"])
-        per_task[t["name"]] = {"loss": float(loss[valid].mean()) if valid.any() else float("nan"), "rows": int(valid.sum()), **result}
-    predictions = {"row_id": joined["row_id"].astype(np.int64).tolist()}
+        per_task[t["name"]], by_task[t["name"]] = _task_figures(t, joined[f"probs{i}"], owner, joined[f"gold{i}"][first])
+    predictions: dict[str, Any] = {"row_id": rows.astype(np.int64).tolist()}
+    for key in ("pred", "score", "pred_before", "score_before"):
+        values = {n: p[key].tolist() for n, p in by_task.items()}
+        predictions[key] = values if s.multitask else values[s.tasks[0]["name"]]
     if not s.multitask:
         only = per_task[s.tasks[0]["name"]]
-        metrics = {"val_loss": only["loss"], "val_rows": int(len(joined["row_id"])),
+        metrics = {"val_loss": only["loss"], "val_rows": int(len(rows)),
                    **{f"val_{k}": v for k, v in only.items() if k not in ("loss", "rows")}}
-        return metrics, {**predictions, "pred": joined["pred0"].astype(np.int64).tolist()}
+        return metrics, predictions
     metrics = {
         # Averages over the tasks (macro): the headline figures; each task's are in val_tasks.
-        "val_loss": float(np.mean([m["loss"] for m in per_task.values()])), "val_rows": int(len(joined["row_id"])),
+        "val_loss": float(np.mean([m["loss"] for m in per_task.values()])), "val_rows": int(len(rows)),
         "val_accuracy": float(np.mean([m["accuracy"] for m in per_task.values()])),
         "val_macro_f1": float(np.mean([m["macro_f1"] for m in per_task.values()])),
         "val_tasks": per_task,
     }
-    return metrics, {**predictions, "pred": {t["name"]: joined[f"pred{i}"].astype(np.int64).tolist() for i, t in enumerate(s.tasks)}}
+    return metrics, predictions
 
 
-def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str) -> None:
+def _calibration_record(s: LoopSettings, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the saved model records of its scores: each task's temperature and how it was fitted."""
+    figures = ([metrics["val_tasks"][t["name"]]["calibration"] for t in s.tasks] if s.multitask
+               else [metrics["val_calibration"]])
+    return {"format": 1, "method": "temperature", "fitted_on": "validation rows, after the epoch",
+            "tasks": [{"name": t["name"], **f} for t, f in zip(s.tasks, figures)]}
+
+
+def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str,
+                     s: LoopSettings) -> None:
     bare = net.module if hasattr(net, "module") else net
     if isinstance(bare, torch.nn.Module) and hasattr(bare, "heads"):
         model_lib.save_multitask(bare, tokenizer, directory)
     else:
         model_lib.save(bare, tokenizer, directory)
+    model_lib.write_extras(directory, _calibration_record(s, history["epochs"][-1]),
+                           [{"name": t["name"], "labels": t["labels"], "counts": c} for t, c in zip(s.tasks, s.label_counts)])
     with open(os.path.join(directory, PREDICTIONS_FILE), "w") as f:
         json.dump(predictions, f)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, os.path.join(directory, STATE_FILE))
@@ -288,8 +316,12 @@ def train_loop_per_worker(config: dict) -> None:
             "".join(f"; {n}: accuracy {m['accuracy']:.4f} macro-F1 {m['macro_f1']:.4f}"
                     for n, m in metrics.get("val_tasks", {}).items()),
         )
+        for t in _calibration_record(s, metrics)["tasks"]:
+            logger.info("calibration%s: temperature %.3f; on %d validation rows, ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+                        f" ({t['name']})" if s.multitask else "", t["temperature"], t["rows"], t["ece_before"],
+                        t["ece_after"], t["nll_before"], t["nll_after"])
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(net, tokenizer, optimizer, scheduler, history, predictions, tmp)
+            _save_checkpoint(net, tokenizer, optimizer, scheduler, history, predictions, tmp, s)
             ray.train.report(
                 {k: v for k, v in metrics.items() if not isinstance(v, dict)},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
