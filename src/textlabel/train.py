@@ -201,8 +201,12 @@ def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[di
 
 
 def _scores(predictions: dict[str, Any], task: str | None, order: np.ndarray, keep: np.ndarray, y_true: np.ndarray,
-            figures: dict[str, Any]) -> Scores:
-    """Validation rows' scores before and after the task's temperature, for the report."""
+            figures: dict[str, Any] | None) -> Scores | None:
+    """Validation rows' scores before and after the task's temperature, for the report (None for a run resumed
+    from a checkpoint written before temperatures were fitted)."""
+    if figures is None or "score" not in predictions:
+        return None
+
     def of(key: str) -> np.ndarray:
         values = predictions[key] if task is None else predictions[key][task]
         return np.asarray(values)[order][keep]
@@ -223,7 +227,7 @@ def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str
     baseline = tfidf_baseline(prepared.train["text"].to_pylist(), prepared.train["label_id"].to_numpy(),
                               val_texts, y_true, prepared.labels)
     every = np.arange(len(y_true))
-    scores = _scores(predictions, None, order, every, y_true, epochs[-1]["val_calibration"])
+    scores = _scores(predictions, None, order, every, y_true, epochs[-1].get("val_calibration"))
     write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline,
                  prepared.by_length(every, y_true, y_pred), scores)
     return baseline
@@ -248,7 +252,8 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
         task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_task_loss"][t["name"]], "val_loss": e["val_tasks"][t["name"]]["loss"],
                         "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
                        for e in epochs]
-        scores = _scores(predictions, t["name"], order, valid, y_true[valid], epochs[-1]["val_tasks"][t["name"]]["calibration"])
+        fitted = epochs[-1]["val_tasks"][t["name"]].get("calibration")
+        scores = _scores(predictions, t["name"], order, valid, y_true[valid], fitted)
         metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
                                task_epochs, baseline, prepared.by_length(np.flatnonzero(valid), y_true[valid], y_pred[valid]),
                                scores)
@@ -260,6 +265,11 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
               "Training minimises the weighted sum of the tasks' losses; each task's report plots its own.", ""]
     storage.write_bytes(out.join("report", "report.md"), "\n".join(lines).encode())
     return baselines
+
+
+def _calibration(out: storage.Location) -> list[dict]:
+    found = out.join("model", model_lib.CALIBRATION_FILE)
+    return storage.read_json(found)["tasks"] if storage.exists(found) else []
 
 
 def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
@@ -294,7 +304,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
                            "validation_windows": prepared.validation_windows.num_rows,
                            "validation_rows_chunked": int((prepared.validation_cut.chunks > 1).sum())}}
            if prepared.validation_cut is not None else {}),
-        "calibration": storage.read_json(out.join("model", model_lib.CALIBRATION_FILE))["tasks"],
+        "calibration": _calibration(out),
         "wall_seconds": round(time.perf_counter() - start, 1),
         **history,
         "baseline_tfidf_logreg": baseline,
