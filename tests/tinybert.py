@@ -14,6 +14,9 @@ def tiny_bert(directory: str | Path, hidden: int = 32, heads: int = 2, intermedi
     tokenizer = AutoTokenizer.from_pretrained(packaged_model_dir())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
                         num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)  # the same weights every session: a test's outcome never depends on the draw
     BertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

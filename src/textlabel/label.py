@@ -16,7 +16,9 @@ A run, in order:
    (labeller.py). Each finished file's record goes to the committer (commit.py), which
    writes records in batches off the result loop and only then deletes outputs they stop
    vouching for.
-5. **Finishes**: the last commits, compaction, the summary, and the lease released.
+5. **Finishes**: the last commits, compaction, tonight's entry in the drift history
+   (nights.py: the night's class shares against the training labels and the last 7
+   nights), the summary, and the lease released; a drifted night then exits 4.
 
 Exactly once: an output is written whole (one PUT or rename) under a name fixed by its
 input and part, before any record vouches for it; a record is written only when all of a

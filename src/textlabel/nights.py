@@ -2,7 +2,7 @@
 
 ``OUTPUT/_report/drift.json`` holds the nights (drift.night_entry), oldest first, written
 once by the run that completes a night, under the lease; ``drift.png`` is redrawn from it
-every time. A night's figures are the sum over the files it labelled: the files of this run
+each time an entry is written. A night's figures are the sum over the files it labelled: the files of this run
 (from its actors' results) and, after a run that did not end cleanly, the files that run
 committed before it died, read from their outputs' Parquet metadata. Each file is counted
 in exactly one night: a killed run writes no entry, and the rerun that completes its night

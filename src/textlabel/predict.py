@@ -11,9 +11,10 @@
   with ``quantize`` (rows whose top two probabilities are closer than ``recheck_margin`` are
   labelled again in full precision, all together at the end of a window), bf16 weights with
   SDPA attention through torch on a GPU, where a batch that runs out of memory is split in
-  two and retried. ``label`` combines a chunked row's windows into its probabilities and
-  returns the output columns, which
-  ``output_columns`` names: the one definition of them.
+  two and retried. Logits are divided by the model's temperature per task (calibration.py), so
+  scores are calibrated probabilities. ``score`` combines a chunked row's windows into its
+  probabilities; ``columns`` turns them into the output columns (a row under --min-score keeps
+  its score, not its label), which ``output_columns`` names: the one definition of them.
 - ``TableLabeller``: the Ray Data callable class the evaluation job maps over its rows.
 """
 
