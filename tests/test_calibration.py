@@ -137,7 +137,7 @@ def test_labelled_rows_under_min_score_get_a_reason_not_a_label(tiny_model):
     prepared = predict.prepare(tiny_model, texts, 64)
     scored = predictor.score(prepared)
     cut = float(np.median(scored.scores[0][:60]))
-    out = predictor.columns(prepared, scored, "", [np.array([cut, cut])])
+    out = predictor.columns(prepared, scored, "", scored.abstentions([np.array([cut, cut])]))
     under = np.r_[scored.scores[0][:60] < cut, False]
     assert under.sum() > 10
     assert out["label"].is_null().to_pylist() == (under | [False] * 60 + [True]).tolist()

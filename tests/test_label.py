@@ -64,9 +64,10 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     ("empty_prefix", "no *.parquet files there"),
     ("label_clash", "already has column(s) label; pass --label-prefix"),
     ("not_a_model", "no *.safetensors weights"),
+    ("unknown_class", "--min-score names class(es) spam that the model does not have; its classes: negative, positive"),
 ])
 def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case, expected):
-    model = f"{trained['output']}/model"
+    model, extra = f"{trained['output']}/model", []
     if case == "no_text_column":
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], "body": ["x"]}))
         model = f"{s3_prefix}/no-such-model"  # never reached: the column check comes first
@@ -74,12 +75,15 @@ def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case
         storage.write_bytes(resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")
     elif case == "label_clash":
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"], "label": ["y"]}))
+    elif case == "unknown_class":
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
+        extra = ["--min-score", "spam=0.9"]
     else:
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
         storage.write_bytes(resolve(f"{s3_prefix}/model/config.json"), b"{}")
         storage.write_bytes(resolve(f"{s3_prefix}/model/pytorch_model.bin"), b"pickle")
         model = f"{s3_prefix}/model"
-    assert _label(["--model", model, "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out"]) == 2
+    assert _label(["--model", model, "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out", *extra]) == 2
     assert expected in caplog.text
     assert not storage.exists(resolve(f"{s3_prefix}/out"))
 

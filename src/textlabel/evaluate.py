@@ -122,7 +122,8 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
                "seconds": round(time.perf_counter() - start, 1), **metrics}
     summary["long_texts"] = _long_text_counts(cfg, predicted)
     storage.write_json(out.join("metrics.json"), summary)
-    eces = [m["scores"]["ece"] for m in ([metrics] if tasks[0].name is None else metrics["tasks"].values())]
+    eces = [v for m in ([metrics] if tasks[0].name is None else metrics["tasks"].values()) for v in m["scores"]["ece"].values()]
     logger.info("accuracy %.4f, macro-F1 %.4f, ECE %s on %d rows (%s); report in %s", metrics["accuracy"], metrics["macro_f1"],
-                ", ".join(f"{v:.4f}" for e in eces for v in e.values()), table.num_rows, ", ".join(f"{k} {v}" for k, v in summary["long_texts"].items()), out.join("report.md").url)
+                ", ".join(f"{v:.4f}" for v in eces), table.num_rows,
+                ", ".join(f"{k} {v}" for k, v in summary["long_texts"].items()), out.join("report.md").url)
     return summary

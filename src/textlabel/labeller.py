@@ -333,10 +333,9 @@ class PartLabeller:
 
     def _apply(self, window, prepared: predict.Prepared, results: list[ItemResult], writes: list[Future], writer) -> None:
         scored = self.predictor.score(prepared) if len(prepared) else None
-        columns = self.predictor.columns(prepared, scored, self.spec.label_prefix, self.min_scores) if scored else {}
+        unsure = scored.abstentions(self.min_scores) if scored else []
+        columns = self.predictor.columns(prepared, scored, self.spec.label_prefix, unsure) if scored else {}
         reasons = columns[self.spec.label_prefix + "skip_reason"].to_pylist() if scored else []  # low_confidence too
-        unsure = [scored.abstained(k, self.min_scores[k] if self.min_scores else None)
-                  for k in range(len(self.predictor.tasks))] if scored else []
         offset = 0
         for kind, value in window:
             if kind == "error":

@@ -88,9 +88,10 @@ def record(night: "Night") -> dict[str, Any]:
     runs: list[str] = []
     stats = night.tally.labels
     if night.taken_over or not cfg.lease:  # the last run may have died with labels committed
-        runs = interrupted_runs(night.manifest.current(), history, night.run)
+        state = night.manifest.current()
+        runs = interrupted_runs(state, history, night.run)
         if runs:
-            found, missing = committed_stats(out, night.manifest.current(), runs)
+            found, missing = committed_stats(out, state, runs)
             stats = drift.add(stats, found)
             logger.info("drift: tonight includes the files of interrupted run(s) %s%s", ", ".join(runs),
                         f" ({missing} output(s) without figures)" if missing else "")

@@ -342,18 +342,19 @@ class Predictor:
               ) -> dict[str, pa.Array]:
         """The output columns (output_columns' names) for prepared rows: null labels where a row has no tokens.
         ``min_scores``: per task, a threshold per class (--min-score)."""
-        return self.columns(prepared, self.score(prepared), prefix, min_scores)
+        scored = self.score(prepared)
+        return self.columns(prepared, scored, prefix, scored.abstentions(min_scores))
 
     def columns(self, prepared: Prepared, scored: "Scored", prefix: str = "",
-                min_scores: list[np.ndarray | None] | None = None) -> dict[str, pa.Array]:
-        """The output columns of scored rows. A row whose top score is under its class's --min-score keeps its
-        score but gets no label (skip_reason low_confidence; for a multi-task model, in any task)."""
+                abstained: list[np.ndarray] | None = None) -> dict[str, pa.Array]:
+        """The output columns of scored rows. A row ``abstained`` (per task: Scored.abstentions) keeps its score but
+        gets no label (skip_reason low_confidence; for a multi-task model, abstained in any task)."""
         names = output_columns([t.name for t in self.tasks], prefix, prepared.chunked)
         out: dict[str, pa.Array] = {}
         missing = ~scored.present
         reasons = list(prepared.reasons)
         for k, (task, label_id, score) in enumerate(zip(self.tasks, scored.ids, scored.scores)):
-            unsure = scored.abstained(k, min_scores[k] if min_scores else None)
+            unsure = abstained[k] if abstained else np.zeros(len(missing), dtype=bool)
             for i in np.flatnonzero(unsure):
                 reasons[i] = "low_confidence"
             labels = np.array(task.labels, dtype=object)
@@ -376,9 +377,11 @@ class Scored:
     scores: list[np.ndarray]
     present: np.ndarray
 
-    def abstained(self, task: int, min_score: np.ndarray | None) -> np.ndarray:
-        """Scored rows whose top score in ``task`` is under their predicted class's threshold."""
-        return calibration.abstains(self.ids[task].clip(min=0), self.scores[task], min_score) & self.present
+    def abstentions(self, min_scores: list[np.ndarray | None] | None) -> list[np.ndarray]:
+        """Per task, the scored rows whose top score is under their predicted class's --min-score (``min_scores``:
+        per task, a threshold per class)."""
+        return [calibration.abstains(ids.clip(min=0), scores, min_scores[k] if min_scores else None) & self.present
+                for k, (ids, scores) in enumerate(zip(self.ids, self.scores))]
 
 
 class TableLabeller:
