@@ -77,16 +77,6 @@ def _task_report(out: storage.Location, task: model_lib.Task, y_true: np.ndarray
     return {"rows": int(has.sum()), "labels": list(task.labels), **metrics}
 
 
-def _calibration(model: str | None, tasks: int) -> list[dict | None]:
-    """Each task's calibration record (its temperature, as fitted at training time), or None."""
-    import os
-
-    found = os.path.join(model_lib.local_model_dir(model), model_lib.CALIBRATION_FILE)
-    if not os.path.isfile(found):
-        return [None] * tasks
-    return list(storage.read_json(storage.resolve(found))["tasks"])
-
-
 def _long_text_counts(cfg: EvaluateConfig, predicted: pa.Table) -> dict[str, Any]:
     counts = {"mode": cfg.long_texts, "rows_truncated": pc.sum(predicted["truncated"]).as_py() or 0}
     if cfg.long().chunked:
@@ -106,7 +96,7 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
         start_ray()
     predicted = _predict(cfg, table, tasks)
     out, texts = storage.resolve(cfg.output), np.array(table["text"].to_pylist(), dtype=object)
-    fitted = _calibration(cfg.model, len(tasks))
+    fitted = model_lib.calibration_of(model_lib.local_model_dir(cfg.model)) or [None] * len(tasks)
     if tasks[0].name is None:
         metrics = _task_report(out, tasks[0], table["y:"].to_numpy(), predicted[""].to_numpy(), texts, predicted, fitted[0])
     else:

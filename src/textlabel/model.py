@@ -262,15 +262,24 @@ def write_extras(directory: str, calibration: dict, training_labels: list[dict])
         json.dump({"format": 1, "tasks": training_labels}, f, indent=2)
 
 
-def temperatures(model_dir: str, tasks: int) -> list[float]:
-    """Each task's temperature, in task order; 1.0 (scores as the softmax gives them) for a model without one."""
+def calibration_of(model_dir: str) -> list[dict] | None:
+    """A local model directory's calibration record per task (temperature and how it was fitted), or None."""
     import json
 
     path = os.path.join(model_dir, CALIBRATION_FILE)
     if not os.path.isfile(path):
-        return [1.0] * tasks
+        return None
     with open(path) as f:
-        found = [float(t["temperature"]) for t in json.load(f)["tasks"]]
+        return json.load(f)["tasks"]
+
+
+def temperatures(model_dir: str, tasks: int) -> list[float]:
+    """Each task's temperature, in task order; 1.0 (scores as the softmax gives them) for a model without one."""
+    record = calibration_of(model_dir)
+    if record is None:
+        return [1.0] * tasks
+    found = [float(t["temperature"]) for t in record]
+    path = os.path.join(model_dir, CALIBRATION_FILE)
     if len(found) != tasks or not all(t > 0 for t in found):
         raise ModelError(f"{path}: expected {tasks} positive temperature(s), found {found}; delete the file to label "
                          "with uncalibrated scores")

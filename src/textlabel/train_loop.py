@@ -220,6 +220,8 @@ def _evaluate(net, tokenizer, s: LoopSettings, rank: int, world: int, device) ->
     if rank != 0:
         return None
     joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    mine = [np.unique(p["row_id"]) for p in parts]  # a document's windows all come from the one worker that owns it
+    assert sum(map(len, mine)) == len(np.unique(joined["row_id"])), "validation rows double-counted"
     rows, owner = np.unique(joined["row_id"], return_inverse=True)  # a document's windows: one row
     first = np.unique(owner, return_index=True)[1]
     per_task, by_task = {}, {}
