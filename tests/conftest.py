@@ -155,15 +155,26 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained(ray_session, tiny_model, s3_endpoint):
-    """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it."""
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random GPT-2 with a byte-level BPE trained on the shipped sample, and no pad token (as
+    the real gpt2 ships): a decoder, which classifies from each row's last token."""
+    from families import tiny_model
+
+    return tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tiny_gpt2, s3_endpoint):
+    """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it. Its base model is a
+    GPT-2 (a decoder without a pad token: the family most unlike BERT); BERTs are trained end to end by
+    test_long_texts.py and test_train.py's restart test, a RoBERTa by test_multitask.py."""
     prefix = "s3://tests/train-e2e"
     table = easy_rows(1200, seed=1)
     table = table.sort_by("label")  # one class after the other: training must shuffle globally
     put_parquet(f"{prefix}/data/part-0.parquet", table.slice(0, 600))
     put_parquet(f"{prefix}/data/part-1.parquet", table.slice(600))
     output = f"{prefix}/run"
-    args = ["--data", f"{prefix}/data/", "--output", output, "--model", tiny_model, "--num-workers", 2,
+    args = ["--data", f"{prefix}/data/", "--output", output, "--model", tiny_gpt2, "--num-workers", 2,
             "--epochs", 3, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32]
     from textlabel.cli import train_main
 

@@ -57,6 +57,16 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     # One output file per input file, under the same name.
     assert sorted(f.base_name for f in storage.list_files(resolve(out), ".parquet")) == [
         "part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    # The artifact (a GPT-2: no pad token of its own) in plain transformers, batched, labels as the job did.
+    from transformers import pipeline
+
+    from textlabel.model import local_model_dir
+
+    plain = pipeline("text-classification", model=local_model_dir(model), batch_size=32)
+    some = result.slice(0, 300)
+    found = plain(some["text"].to_pylist(), truncation=True, max_length=32)
+    clear = np.array([r["score"] for r in found]) > 0.5 + 1e-3  # a near-tie may go either way in another summation order
+    assert np.array([r["label"] for r in found])[clear].tolist() == np.array(some["pred_label"].to_pylist())[clear].tolist()
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -77,10 +77,16 @@ class TrainConfig(LongTextOptions):
     max_length: int = _opt(128, "Longest tokenized row (special tokens included); longer rows are truncated, or cut into windows with --long-texts chunk. Batches pad to their own longest row.")
     seed: int = _opt(0, "Seed for the split, shuffling and initialisation.")
     max_failures: int = _opt(3, "Worker failures to recover from (from the latest checkpoint) before giving up.")
+    lora: bool = _opt(False, "Fine-tune LoRA adapters (PEFT) instead of every weight, for a model too large to fine-tune whole per worker: the pretrained weights stay frozen, the new classification layers train in full. OUTPUT/model is saved merged (plain Hugging Face weights), OUTPUT/adapter holds the adapter. Needs pip install 'textlabel[lora]'.")
+    lora_rank: int = _opt(8, "With --lora: rank r of each adapter's update.")
+    lora_alpha: float = _opt(16.0, "With --lora: the update is scaled by alpha / r.")
+    lora_dropout: float = _opt(0.1, "With --lora: dropout on the adapters' input.")
+    lora_target_modules: list[str] | None = _opt(None, "With --lora: the layers to adapt, by module name (repeatable). Default: the family's attention query and value projections (README, Model families).")
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
         problems = _missing_required(self)
+        problems += self._lora_problems()
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "cpus_per_worker"])
@@ -105,6 +111,27 @@ class TrainConfig(LongTextOptions):
             problems.append(str(exc))
         if problems:
             raise ConfigError(problems)
+
+    def _lora_problems(self) -> list[str]:
+        import importlib.util
+
+        if not self.lora:
+            changed = [f"--{n.replace('_', '-')}" for n in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+                       if getattr(self, n) != TrainConfig.__dataclass_fields__[n].default]
+            return [f"{', '.join(changed)} only apply with --lora; add --lora or drop them"] if changed else []
+        problems = _positive(self, ["lora_rank", "lora_alpha"])
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if importlib.util.find_spec("peft") is None:
+            problems.append("--lora needs PEFT, which is not installed: pip install 'textlabel[lora]' (or pip install peft)")
+        return problems
+
+    def lora_settings(self) -> dict | None:
+        """The LoRA settings the workers get (lora.LoraSettings as a dict), or None without --lora."""
+        if not self.lora:
+            return None
+        return {"rank": self.lora_rank, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": self.lora_target_modules}
 
     def task_list(self) -> list[tuple[str, float]]:
         """(label column, loss weight) per task, from --tasks or --label-column."""

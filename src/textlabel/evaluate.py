@@ -90,6 +90,7 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
     ``start_ray`` joins or starts Ray once the model and the data have been checked."""
     start = time.perf_counter()
     model_lib.check_model_dir(cfg.model)
+    model_lib.check(cfg.model, cfg.max_length)
     tasks = model_lib.tasks_of(cfg.model)
     table, dropped = _read(cfg, tasks)
     if start_ray is not None:

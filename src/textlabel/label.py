@@ -182,6 +182,7 @@ def _plan(night: Night) -> None:
     _read_footers(night)
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
     model_lib.check_model_dir(cfg.model)
+    model_lib.check(cfg.model, cfg.max_length)  # its architecture and positions, from config.json alone
     night.model_id = model_lib.identity(cfg.model)
     _check_manifest(night)
     night.min_scores = _thresholds(cfg)

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from textlabel import family as family_lib
 from textlabel import storage
 
 logger = logging.getLogger(__name__)
@@ -134,18 +135,71 @@ def local_model_dir(model: str | None) -> str:
     return model  # a hub id, fetched by transformers
 
 
+def load_config(model_dir: str):
+    """The Hugging Face config of a local model directory or hub id."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"--model {model_dir}: its config.json cannot be read ({exc}); point --model at a Hugging Face "
+                         "model directory or hub id") from None
+
+
+def config_of(model: str | None):
+    """A --model's config, read without fetching its weights (config.json alone for an s3:// model)."""
+    if model and storage.is_remote(model):
+        from transformers import AutoConfig
+
+        found = storage.read_json(storage.resolve(model).join("config.json"))
+        if "model_type" not in found:
+            raise ModelError(f"--model {model}: config.json has no model_type; save the model with save_pretrained")
+        return AutoConfig.for_model(found.pop("model_type"), **found)
+    return load_config(local_model_dir(model))
+
+
+def check(model: str | None, max_length: int):
+    """Fail before any expensive work when --model cannot classify inputs of ``max_length`` tokens; return its
+    config."""
+    config = config_of(model)
+    found = family_lib.problems(config, max_length, describe(model))
+    if found:
+        raise ModelError(found[0])
+    return config
+
+
 def load_tokenizer(model_dir: str):
-    """The fast tokenizer of a model directory or hub id."""
+    """The fast tokenizer of a model directory or hub id, as every stage uses it (family.fit_tokenizer: a pad
+    token, right padding)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"--model {model_dir}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]}); save the "
+                         "tokenizer beside the weights (tokenizer.save_pretrained(DIR)) or point --model at a model "
+                         "that has one") from None
+    config = load_config(model_dir)
+    # transformers builds an empty tokenizer from a directory without tokenizer files, rather than failing.
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise ModelError(f"--model {model_dir}: no tokenizer files (tokenizer.json, vocab.txt, ...) beside the weights; "
+                         "save the base model's tokenizer there (tokenizer.save_pretrained(DIR))")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ModelError(f"--model {model_dir}: its tokenizer has {len(tokenizer)} tokens but the model embeds {vocab}: "
+                         "it is not this model's tokenizer; save the matching one beside the weights")
+    try:
+        return family_lib.fit_tokenizer(tokenizer, config)
+    except family_lib.FamilyError as exc:
+        raise ModelError(f"--model {model_dir}: {exc}") from None
 
 
-def load_for_training(model_dir: str, labels: list[str]):
-    """A sequence-classification model with a fresh head for ``labels``."""
+def load_for_training(model_dir: str, labels: list[str], pad_token_id: int | None = None):
+    """A sequence-classification model with a fresh head for ``labels``; ``pad_token_id`` fills a config that
+    has none (a decoder: its classifier pools the last token that is not padding)."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
+    net = AutoModelForSequenceClassification.from_pretrained(
         model_dir,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
@@ -154,6 +208,9 @@ def load_for_training(model_dir: str, labels: list[str]):
         use_safetensors=True,
         trust_remote_code=False,
     )
+    if net.config.pad_token_id is None:
+        net.config.pad_token_id = pad_token_id
+    return net
 
 
 def load_classifier(model_dir: str):
@@ -161,7 +218,17 @@ def load_classifier(model_dir: str):
     architecture has it)."""
     from transformers import AutoModelForSequenceClassification
 
-    return _for_inference(AutoModelForSequenceClassification, model_dir).eval()
+    net = _for_inference(AutoModelForSequenceClassification, model_dir).eval()
+    if net.config.pad_token_id is None:  # a decoder fine-tuned elsewhere: pad as its tokenizer is fitted to
+        net.config.pad_token_id = load_tokenizer(model_dir).pad_token_id
+    return net
+
+
+def pad_token_id(net, tokenizer) -> int:
+    """The id a batch of ``net`` (from inference_model) is padded with: its config's, else its tokenizer's."""
+    config = net.encoder.config if hasattr(net, "encoder") else net.classifier.config
+    found = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
+    return int(found or 0)
 
 
 def _for_inference(cls, model_dir: str):
@@ -321,12 +388,14 @@ def _multitask_class():
     import torch
 
     class MultiTaskClassifier(torch.nn.Module):
-        """Encoder -> pooled [CLS] (the encoder's pooler when it has one) -> dropout -> one head per task."""
+        """Encoder -> pooled [CLS] (the encoder's pooler when it has one; a decoder's last real token) -> dropout
+        -> one head per task."""
 
         def __init__(self, encoder, tasks: list[dict]):
             super().__init__()
             self.encoder = encoder
             self.tasks = tasks
+            self.last_token = family_lib.of(encoder.config).decoder
             hidden = encoder.config.hidden_size
             self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
             self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, len(t["labels"])) for t in tasks)
@@ -334,7 +403,12 @@ def _multitask_class():
         def forward(self, input_ids, attention_mask, **_):
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
             pooled = getattr(out, "pooler_output", None)
-            if pooled is None:
+            if self.last_token:  # the rightmost position the mask keeps, whichever side the padding is on
+                where = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+                last = (where * attention_mask).argmax(-1)  # gather, not indexing: the batch size stays dynamic in ONNX
+                hidden = out.last_hidden_state
+                pooled = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+            elif pooled is None:
                 pooled = out.last_hidden_state[:, 0]
             pooled = self.dropout(pooled)
             return [head(pooled) for head in self.heads]
@@ -342,11 +416,13 @@ def _multitask_class():
     return MultiTaskClassifier
 
 
-def load_multitask_for_training(model_dir: str, tasks: list[dict]):
+def load_multitask_for_training(model_dir: str, tasks: list[dict], pad_token_id: int | None = None):
     """A pretrained encoder (a base model, or a single-task classifier's) with fresh heads for ``tasks``."""
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    if encoder.config.pad_token_id is None:
+        encoder.config.pad_token_id = pad_token_id
     return _multitask_class()(encoder, tasks)
 
 
@@ -354,18 +430,24 @@ def load_multitask(model_dir: str):
     """A saved multi-task model (see save_multitask), ready for inference."""
     import json
 
-    from safetensors.torch import load_file
     from transformers import AutoModel
 
     with open(os.path.join(model_dir, TASKS_FILE)) as f:
         tasks = json.load(f)["tasks"]
     encoder = _for_inference(AutoModel, model_dir)
     net = _multitask_class()(encoder, tasks)
+    load_heads(net, model_dir)
+    return net.eval()
+
+
+def load_heads(net, model_dir: str) -> None:
+    """Copy a saved multi-task model's heads into ``net`` (whose tasks are the same)."""
+    from safetensors.torch import load_file
+
     heads = load_file(os.path.join(model_dir, HEADS_FILE))
-    for t, head in zip(tasks, net.heads):
+    for t, head in zip(net.tasks, net.heads):
         head.weight.data.copy_(heads[f"{t['name']}.weight"])
         head.bias.data.copy_(heads[f"{t['name']}.bias"])
-    return net.eval()
 
 
 def save_multitask(net, tokenizer, directory: str) -> None:

@@ -252,7 +252,7 @@ class Predictor:
         self.recheck_margin = recheck_margin if quantize else 0.0
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS["gpu" if use_gpu else "cpu"]
         self.max_rows = max_rows
-        self.pad_id = tokenizer_for(model).pad_token_id or 0
+        self.pad_id = model_lib.pad_token_id(net, tokenizer_for(model))  # a decoder pools the last token before it
         self.hooks = hooks or {}
         self.stats = Stats()
 

@@ -112,9 +112,27 @@ def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's notice that quantization moves to torchao
         # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
-        fast = torch.ao.quantization.quantize_dynamic(copy.deepcopy(net), {torch.nn.Linear: per_channel_dynamic_qconfig},
+        fast = torch.ao.quantization.quantize_dynamic(as_linear(copy.deepcopy(net)), {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                       dtype=torch.qint8)
     return full, TorchEngine(fast, device)
+
+
+def as_linear(net):
+    """``net`` with GPT-2's Conv1D layers (a Linear with its weight transposed) made torch Linear layers, which
+    dynamic quantization knows; other models are returned as they are."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for name, child in net.named_children():
+        if isinstance(child, Conv1D):
+            linear = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1], device=child.weight.device,
+                                     dtype=child.weight.dtype)
+            linear.weight.data.copy_(child.weight.data.T)
+            linear.bias.data.copy_(child.bias.data)
+            setattr(net, name, linear)
+        else:
+            as_linear(child)
+    return net
 
 
 def _onnx_engines(net, outputs: int, threads: int, quantize: bool) -> tuple[Engine, Engine]:

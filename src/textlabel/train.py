@@ -25,9 +25,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from textlabel import data as data_lib
+from textlabel import family as family_lib
 from textlabel import model as model_lib
 from textlabel import predict, storage
 from textlabel.config import ConfigError, TrainConfig
+from textlabel.lora import ADAPTER_DIR
 from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
 from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, settings_dict, train_loop_per_worker
 
@@ -169,6 +171,7 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
         steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
+        lora=cfg.lora_settings(),
         label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
                       for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],
     )
@@ -194,9 +197,12 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
 
 
 def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[dict[str, Any], dict[str, list]]:
-    """Copy the model files of the final checkpoint to OUTPUT/model; return its history and predictions."""
+    """Copy the model files of the final checkpoint to OUTPUT/model (and a LoRA run's adapter to OUTPUT/adapter);
+    return its history and predictions."""
     src = storage.Location(checkpoint.path, checkpoint.filesystem, checkpoint.path)
     storage.copy_dir(src, out.join("model"), suffixes=model_lib.MODEL_FILE_SUFFIXES, exclude=(HISTORY_FILE, PREDICTIONS_FILE))
+    if storage.exists(src.join(ADAPTER_DIR, "adapter_config.json")):
+        storage.copy_dir(src.join(ADAPTER_DIR), out.join(ADAPTER_DIR))
     return storage.read_json(src.join(HISTORY_FILE)), storage.read_json(src.join(PREDICTIONS_FILE))
 
 
@@ -272,13 +278,27 @@ def _calibration(out: storage.Location) -> list[dict]:
     return storage.read_json(found)["tasks"] if storage.exists(found) else []
 
 
+def check_model(cfg: TrainConfig) -> family_lib.Family:
+    """Fail before Ray starts on a --model that cannot be fine-tuned as asked: its architecture, its tokenizer,
+    --max-length against its positions, the LoRA target modules."""
+    config = model_lib.check(cfg.model, cfg.max_length)
+    model_lib.load_tokenizer(model_lib.local_model_dir(cfg.model))
+    if cfg.lora:
+        from textlabel import lora
+
+        found = lora.problems(config, lora.LoraSettings(**cfg.lora_settings()), len(cfg.task_list()) > 1)
+        if found:
+            raise ConfigError(found)
+    return family_lib.of(config)
+
+
 def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says; returns what metrics.json holds. ``start_ray`` joins or starts Ray once the
     data and the model have been checked (bad input fails in seconds, without Ray)."""
     start = time.perf_counter()
     out = storage.resolve(cfg.output)
+    family = check_model(cfg)
     prepared = prepare_data(cfg)
-    model_lib.local_model_dir(cfg.model)  # fail on a bad --model before starting workers
     _check_resumable(out, cfg, prepared)
     logger.info(
         "training %s on %d rows (%d validation), %d classes, %d workers",
@@ -300,6 +320,8 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
         "validation_rows": prepared.validation.num_rows,
         "dropped_rows": prepared.dropped,
         "num_workers": cfg.num_workers,
+        "model_family": {"model_type": family.model_type, "pooling": family.pooling, "positions": family.positions},
+        **({"lora": cfg.lora_settings()} if cfg.lora else {}),
         **({"long_texts": {"mode": "chunk", "train_windows": prepared.train_windows.num_rows,
                            "validation_windows": prepared.validation_windows.num_rows,
                            "validation_rows_chunked": int((prepared.validation_cut.chunks > 1).sum())}}

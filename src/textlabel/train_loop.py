@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from textlabel import calibration, chunking
+from textlabel import calibration, chunking, lora
 from textlabel import model as model_lib
 from textlabel.metrics import classification_metrics
 
@@ -56,6 +56,7 @@ class LoopSettings:
     use_gpu: bool
     steps_per_epoch: int
     label_counts: list[list[int]]  # per task: training rows of each class (saved with the model: drift's reference)
+    lora: dict | None = None  # lora.LoraSettings as a dict: adapters instead of full fine-tuning
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -66,6 +67,8 @@ def _setup_worker_logging(rank: int) -> None:
 def _optimizer(net: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in net.named_parameters():
+        if not param.requires_grad:  # frozen under LoRA: no gradient, no optimizer state
+            continue
         (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=s.learning_rate)
@@ -74,21 +77,36 @@ def _optimizer(net: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
 def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     """Model, tokenizer, optimizer/scheduler state and history: from the latest checkpoint if any."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        base = model_lib.local_model_dir(s.model)
-        torch.manual_seed(s.seed)  # the new heads start the same on every worker
-        net = (model_lib.load_multitask_for_training(base, _public(s.tasks)) if s.multitask
-               else model_lib.load_for_training(base, s.tasks[0]["labels"]))
-        return net, model_lib.load_tokenizer(base), None, {"epochs": [], "resumed_at_epochs": []}
+    if checkpoint is None or s.lora:  # under LoRA, a resumed run rebuilds the frozen base and loads its adapter
+        net, tokenizer = _fresh(s)
+        if checkpoint is None:
+            return net, tokenizer, None, {"epochs": [], "resumed_at_epochs": []}
     with checkpoint.as_directory() as directory:
-        net = (model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)).train()
-        tokenizer = model_lib.load_tokenizer(directory)
+        if s.lora:
+            lora.load_adapter(net, directory)
+            if s.multitask:
+                model_lib.load_heads(net, directory)
+        else:
+            net = (model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)).train()
+            tokenizer = model_lib.load_tokenizer(directory)
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True, map_location="cpu")
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             history = json.load(f)
     history["resumed_at_epochs"].append(len(history["epochs"]))
     logger.info("resuming from the checkpoint after epoch %d", len(history["epochs"]))
     return net, tokenizer, state, history
+
+
+def _fresh(s: LoopSettings) -> tuple[torch.nn.Module, Any]:
+    """The base model with new heads (and LoRA adapters with --lora), and its tokenizer."""
+    base = model_lib.local_model_dir(s.model)
+    tokenizer = model_lib.load_tokenizer(base)
+    torch.manual_seed(s.seed)  # the new heads start the same on every worker
+    net = (model_lib.load_multitask_for_training(base, _public(s.tasks), tokenizer.pad_token_id) if s.multitask
+           else model_lib.load_for_training(base, s.tasks[0]["labels"], tokenizer.pad_token_id))
+    if s.lora:
+        net = lora.wrap(net, lora.LoraSettings(**s.lora))
+    return net, tokenizer
 
 
 def _public(tasks: list[dict]) -> list[dict]:
@@ -121,7 +139,9 @@ def _inputs(tokenizer, batch: dict[str, np.ndarray], rows: np.ndarray | slice, m
     each batch pads to its own longest row, never to max_length."""
     if "input_ids" not in batch:
         enc = tokenizer(list(batch["text"][rows]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {k: v.to(device) for k, v in enc.items()}
+        # Token type ids are all 0 for one text, which every model assumes without them (labelling never sends them;
+        # DistilBERT and ModernBERT take none).
+        return {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     windows = [np.asarray(w) for w in batch["input_ids"][rows]]
     width = max(len(w) for w in windows)
     ids = torch.full((len(windows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
@@ -257,7 +277,10 @@ def _calibration_record(s: LoopSettings, metrics: dict[str, Any]) -> dict[str, A
 def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str,
                      s: LoopSettings) -> None:
     bare = net.module if hasattr(net, "module") else net
-    if isinstance(bare, torch.nn.Module) and hasattr(bare, "heads"):
+    if lora.is_wrapped(bare):
+        lora.save_adapter(bare, directory)
+        bare = lora.merged(bare)  # the artifact is a plain model: labelling and pipeline() need no PEFT
+    if hasattr(bare, "heads"):
         model_lib.save_multitask(bare, tokenizer, directory)
     else:
         model_lib.save(bare, tokenizer, directory)
@@ -278,6 +301,9 @@ def train_loop_per_worker(config: dict) -> None:
     _setup_worker_logging(rank)
     device = ray.train.torch.get_device()
     net, tokenizer, state, history = _restore(s)
+    history["parameters"] = lora.parameter_counts(net)
+    logger.info("training %d of the model's %d parameters%s", history["parameters"]["trainable"],
+                history["parameters"]["total"], " (LoRA)" if s.lora else "")
     net = ray.train.torch.prepare_model(net)
     optimizer = _optimizer(net, s)
     total_steps = s.steps_per_epoch * s.epochs
@@ -291,7 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
         start = time.perf_counter()
         loss_sum, rows, task_sums = _train_epoch(net, tokenizer, optimizer, scheduler, s, epoch, device)
         seconds = time.perf_counter() - start
-        per_worker = _gather((loss_sum, rows, seconds, task_sums))
+        per_worker = _gather((loss_sum, rows, seconds, task_sums, _peak_rss_mb()))
         evaluated = _evaluate(net, tokenizer, s, rank, world, device)
         if evaluated is None:
             ray.train.report({"epoch": epoch + 1})
@@ -304,6 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
             "train_rows": total_rows,
             "train_seconds": max(p[2] for p in per_worker),
             "samples_per_second_per_worker": sum(p[1] / p[2] for p in per_worker) / len(per_worker),
+            "peak_rss_mb_per_worker": [p[4] for p in per_worker],
             **metrics,
         }
         if s.multitask:  # each task's own training loss (train_loss is their weighted sum)
@@ -328,6 +355,13 @@ def train_loop_per_worker(config: dict) -> None:
                 {k: v for k, v in metrics.items() if not isinstance(v, dict)},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
+
+
+def _peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (model, gradients, optimizer state, activations)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def settings_dict(s: LoopSettings) -> dict:

@@ -1,0 +1,108 @@
+"""LoRA fine-tuning (``--lora``) with PEFT: for a model too large to fine-tune whole on each worker.
+
+The pretrained weights are frozen; each adapted layer (the attention's query and value projections by
+default, family.lora_targets) learns a rank-r update B.A scaled by alpha/r, and the freshly initialised
+classification layers (everything outside the pretrained backbone: the classifier, a pre-classifier,
+a multi-task model's heads) train in full. Gradients and AdamW's two moments exist only for those, which
+is where the memory goes in full fine-tuning (three copies of every weight besides the weight itself).
+
+What is saved: the adapter merged into the weights, as a plain Hugging Face model (labelling and
+``pipeline()`` need no PEFT), and beside it the adapter alone (``adapter/``, PEFT's format: a few MB to
+apply to the same base model with ``PeftModel.from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+from textlabel import family
+
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The --lora options."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list[str] | None  # None: the family's default
+
+
+def _config(backbone, s: LoraSettings, modules_to_save: list[str] | None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, bias="none",
+                      target_modules=s.target_modules or family.lora_targets(backbone.config), modules_to_save=modules_to_save)
+
+
+def problems(config, s: LoraSettings, multitask: bool) -> list[str]:
+    """Why LoRA cannot adapt this model as asked (target modules it does not have), checked on the model's
+    architecture built on the meta device: no weights are loaded."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    try:
+        targets = s.target_modules or family.lora_targets(config)
+    except family.FamilyError as exc:
+        return [str(exc)]
+    with torch.device("meta"):
+        net = (AutoModel if multitask else AutoModelForSequenceClassification).from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in net.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)
+                         or type(m).__name__ == "Conv1D"})
+        return [f"--lora-target-modules {' '.join(missing)}: no such module in this {config.model_type} model; its "
+                f"linear layers are named {', '.join(linear)}"]
+    return []
+
+
+def wrap(net, s: LoraSettings):
+    """``net`` (a Hugging Face classifier or a multi-task model) with LoRA adapters; only they and the new
+    classification layers train."""
+    from peft import get_peft_model
+
+    if hasattr(net, "heads"):  # a multi-task model: adapt its encoder; the heads, outside it, train in full
+        net.encoder = get_peft_model(net.encoder, _config(net.encoder, s, None))
+        return net
+    new_layers = [name for name, child in net.named_children()
+                  if name != net.base_model_prefix and any(True for _ in child.parameters())]
+    return get_peft_model(net, _config(net, s, new_layers))
+
+
+def is_wrapped(net) -> bool:
+    return hasattr(getattr(net, "encoder", net), "peft_config")
+
+
+def merged(net):
+    """A copy of ``net`` with its adapters folded into the weights: a plain model."""
+    out = copy.deepcopy(net)
+    if hasattr(out, "heads"):
+        out.encoder = out.encoder.merge_and_unload()
+        return out
+    return out.merge_and_unload()
+
+
+def save_adapter(net, directory: str) -> None:
+    """The adapter alone (with the trained classification layers), in PEFT's format, under directory/adapter."""
+    peft_model = net.encoder if hasattr(net, "heads") else net
+    peft_model.save_pretrained(os.path.join(directory, ADAPTER_DIR), safe_serialization=True)
+
+
+def load_adapter(net, directory: str) -> None:
+    """Restore the adapter weights saved by save_adapter into a freshly wrapped ``net`` (resuming a run)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    peft_model = net.encoder if hasattr(net, "heads") else net
+    set_peft_model_state_dict(peft_model, load_file(os.path.join(directory, ADAPTER_DIR, "adapter_model.safetensors")))
+
+
+def parameter_counts(net) -> dict[str, int]:
+    """Trainable and total parameters."""
+    params = list(net.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}

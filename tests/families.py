@@ -1,0 +1,124 @@
+"""Tiny random models of each family textlabel supports, with a tokenizer of the family's kind trained on the
+shipped SST-2 sample (no hub): byte-level BPE for GPT-2, RoBERTa and ModernBERT, WordPiece for DistilBERT and
+ELECTRA, a SentencePiece unigram for DeBERTa-v2, a SentencePiece-style BPE for Llama. Each tokenizer is saved with
+the family's own tokenizer class and defaults, so a decoder's has no pad token and Llama's pads on the left,
+as the real ones do.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+
+FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2", "electra", "modernbert", "gpt2", "llama")
+DECODERS = ("gpt2", "llama")
+VOCAB = 600
+
+
+@functools.lru_cache(maxsize=1)
+def sample_texts() -> tuple[str, ...]:
+    """The first 3,000 sentences of the shipped SST-2 sample."""
+    with resources.files("textlabel").joinpath("demo_data/sst2_train.tsv").open(encoding="utf-8") as f:
+        return tuple(row["text"] for _, row in zip(range(3000), csv.DictReader(f, delimiter="\t")))
+
+
+def _trained(kind: str, specials: list[str]):
+    import tokenizers
+
+    texts = list(sample_texts())
+    if kind == "bytelevel":
+        tok = tokenizers.ByteLevelBPETokenizer()
+    elif kind == "wordpiece":
+        tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
+    elif kind == "unigram":
+        tok = tokenizers.SentencePieceUnigramTokenizer()
+        tok.train_from_iterator(texts, vocab_size=VOCAB, special_tokens=specials, unk_token="[UNK]")
+        return json.loads(tok.to_str())["model"]
+    else:
+        tok = tokenizers.SentencePieceBPETokenizer()
+    tok.train_from_iterator(texts, vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+    return json.loads(tok.to_str())["model"]
+
+
+def tokenizer(family: str):
+    """A tokenizer of ``family``'s class, trained on the sample."""
+    import transformers as tf
+
+    if family in ("gpt2", "roberta", "modernbert"):
+        specials = {"gpt2": ["<|endoftext|>"], "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                    "modernbert": ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]}[family]
+        found = _trained("bytelevel", specials)
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in found["merges"]]
+        if family == "gpt2":
+            return tf.GPT2Tokenizer(vocab=found["vocab"], merges=merges)
+        if family == "roberta":
+            return tf.RobertaTokenizer(vocab=found["vocab"], merges=merges)
+        return tf.RobertaTokenizer(vocab=found["vocab"], merges=merges, bos_token="[CLS]", cls_token="[CLS]",
+                                   eos_token="[SEP]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+                                   mask_token="[MASK]")
+    if family in ("bert", "distilbert", "electra"):
+        found = _trained("wordpiece", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        cls = {"bert": tf.BertTokenizer, "distilbert": tf.DistilBertTokenizer, "electra": tf.ElectraTokenizer}[family]
+        return cls(vocab=found["vocab"])
+    if family == "deberta-v2":
+        found = _trained("unigram", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+        return tf.DebertaV2Tokenizer(vocab=[tuple(v) for v in found["vocab"]], unk_id=1)
+    if family == "llama":
+        found = _trained("spbpe", ["<unk>", "<s>", "</s>"])
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in found["merges"]]
+        return tf.LlamaTokenizer(vocab=found["vocab"], merges=merges)
+    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def config(family: str, tok, num_labels: int = 2, hidden: int = 32, heads: int = 2, intermediate: int = 64):
+    """A tiny random configuration of ``family`` for ``tok``'s vocabulary."""
+    import transformers as tf
+
+    vocab = len(tok)
+    size = {"hidden_size": hidden, "num_hidden_layers": 2, "num_attention_heads": heads, "intermediate_size": intermediate,
+            "max_position_embeddings": 128}
+    labels = {"num_labels": num_labels}
+    if family == "bert":
+        return tf.BertConfig(vocab_size=vocab, **size, **labels)
+    if family == "roberta":
+        return tf.RobertaConfig(vocab_size=vocab, **{**size, "max_position_embeddings": 130}, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **labels)
+    if family == "distilbert":
+        return tf.DistilBertConfig(vocab_size=vocab, dim=hidden, n_layers=2, n_heads=heads, hidden_dim=intermediate,
+                                   max_position_embeddings=128, pad_token_id=tok.pad_token_id, **labels)
+    if family == "deberta-v2":
+        return tf.DebertaV2Config(vocab_size=vocab, **size, relative_attention=True, position_buckets=32,
+                                  pos_att_type=["p2c", "c2p"], position_biased_input=False, pad_token_id=tok.pad_token_id,
+                                  **labels)
+    if family == "electra":
+        return tf.ElectraConfig(vocab_size=vocab, embedding_size=16, **size, **labels)
+    if family == "modernbert":
+        return tf.ModernBertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                                   intermediate_size=intermediate, max_position_embeddings=128, global_attn_every_n_layers=2,
+                                   local_attention=16, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                                   eos_token_id=tok.sep_token_id, cls_token_id=tok.cls_token_id,
+                                   sep_token_id=tok.sep_token_id, **labels)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=heads, n_inner=intermediate, n_positions=128,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **labels)
+    if family == "llama":
+        return tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                              num_key_value_heads=1, intermediate_size=intermediate, max_position_embeddings=128,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **labels)
+    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def tiny_model(family: str, directory: str | Path, hidden: int = 32, heads: int = 2, intermediate: int = 64) -> str:
+    """Save a tiny random ``family`` sequence classifier and its tokenizer into ``directory`` (as a base model
+    from the hub would come: a decoder without a pad token); return its path."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tok = tokenizer(family)
+    torch.manual_seed(0)  # the same weights every session
+    AutoModelForSequenceClassification.from_config(config(family, tok, 2, hidden, heads, intermediate)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
