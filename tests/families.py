@@ -1,6 +1,7 @@
 """Tiny random models of each family textlabel supports, with a tokenizer of the family's kind trained on the
-shipped SST-2 sample (no hub): byte-level BPE for GPT-2, RoBERTa and ModernBERT, WordPiece for DistilBERT and
-ELECTRA, a SentencePiece unigram for DeBERTa-v2, a SentencePiece-style BPE for Llama. Each tokenizer is saved with
+shipped SST-2 sample (no hub): byte-level BPE for GPT-2, RoBERTa and ModernBERT, WordPiece for BERT, DistilBERT
+and ELECTRA, a SentencePiece unigram for DeBERTa-v2, a SentencePiece-style BPE for Llama. Every build gives the
+same vocabulary and weights, so a test's outcome never depends on the run. Each tokenizer is saved with
 the family's own tokenizer class and defaults, so a decoder's has no pad token and Llama's pads on the left,
 as the real ones do.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
+from collections import Counter
 from importlib import resources
 from pathlib import Path
 
@@ -25,22 +28,41 @@ def sample_texts() -> tuple[str, ...]:
         return tuple(row["text"] for _, row in zip(range(3000), csv.DictReader(f, delimiter="\t")))
 
 
-def _trained(kind: str, specials: list[str]):
+def _trained(kind: str, specials: list[str]) -> dict:
+    """BPE vocabulary and merges learned from the sample (the BPE trainer is deterministic)."""
     import tokenizers
 
-    texts = list(sample_texts())
-    if kind == "bytelevel":
-        tok = tokenizers.ByteLevelBPETokenizer()
-    elif kind == "wordpiece":
-        tok = tokenizers.BertWordPieceTokenizer(lowercase=True)
-    elif kind == "unigram":
-        tok = tokenizers.SentencePieceUnigramTokenizer()
-        tok.train_from_iterator(texts, vocab_size=VOCAB, special_tokens=specials, unk_token="[UNK]")
-        return json.loads(tok.to_str())["model"]
-    else:
-        tok = tokenizers.SentencePieceBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+    tok = tokenizers.ByteLevelBPETokenizer() if kind == "bytelevel" else tokenizers.SentencePieceBPETokenizer()
+    tok.train_from_iterator(list(sample_texts()), vocab_size=VOCAB, special_tokens=specials, show_progress=False)
     return json.loads(tok.to_str())["model"]
+
+
+@functools.lru_cache(maxsize=1)
+def _word_counts() -> tuple[tuple[str, int], ...]:
+    """The sample's words (BERT's pre-tokenizer) by count, most frequent first, ties alphabetical."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    counts = Counter(w.lower() for t in sample_texts() for w, _ in BertPreTokenizer().pre_tokenize_str(t))
+    return tuple(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _wordpiece_vocab(specials: list[str]) -> dict[str, int]:
+    """Every character (alone and as a ##continuation), then the most frequent words. Built here rather than by
+    tokenizers' WordPiece trainer, whose ties fall differently from run to run: a test's model must not."""
+    chars = sorted({c for w, _ in _word_counts() for c in w})
+    pieces = specials + chars + ["##" + c for c in chars]
+    pieces += [w for w, _ in _word_counts() if w not in pieces][:VOCAB - len(pieces)]
+    return {p: i for i, p in enumerate(pieces)}
+
+
+def _unigram_vocab(specials: list[str]) -> list[tuple[str, float]]:
+    """A unigram model: the most frequent words (log-probability scores) over every character; deterministic, as
+    tokenizers' Unigram trainer is not."""
+    total = sum(n for _, n in _word_counts())
+    chars = sorted({c for w, _ in _word_counts() for c in w} | {"▁"})
+    pieces = [(p, 0.0) for p in specials] + [(c, math.log(1 / total) - 5) for c in chars]
+    pieces += [("▁" + w, math.log(n / total)) for w, n in _word_counts()][:VOCAB - len(pieces)]
+    return pieces
 
 
 def tokenizer(family: str):
@@ -60,12 +82,10 @@ def tokenizer(family: str):
                                    eos_token="[SEP]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
                                    mask_token="[MASK]")
     if family in ("bert", "distilbert", "electra"):
-        found = _trained("wordpiece", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
         cls = {"bert": tf.BertTokenizer, "distilbert": tf.DistilBertTokenizer, "electra": tf.ElectraTokenizer}[family]
-        return cls(vocab=found["vocab"])
+        return cls(vocab=_wordpiece_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     if family == "deberta-v2":
-        found = _trained("unigram", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-        return tf.DebertaV2Tokenizer(vocab=[tuple(v) for v in found["vocab"]], unk_id=1)
+        return tf.DebertaV2Tokenizer(vocab=_unigram_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]), unk_id=1)
     if family == "llama":
         found = _trained("spbpe", ["<unk>", "<s>", "</s>"])
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in found["merges"]]

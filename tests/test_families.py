@@ -1,6 +1,7 @@
 """Every model family: tiny random models of each (families.py), through the code the workers and the predictor
 actors run, in-process (no Ray, no S3). The jobs run end to end on a GPT-2 (conftest's ``trained``), a RoBERTa
-(test_multitask.py, and the LoRA run below) and a BERT (test_long_texts.py, test_train.py)."""
+(test_multitask.py), a Llama under LoRA (test_train.py's killed worker) and a BERT (test_long_texts.py);
+benchmarks/families.py runs all eight through them."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import easy_rows, put_parquet, read_output, resolve
+from conftest import easy_rows
 from families import DECODERS, FAMILIES, tiny_model
-from textlabel import lora, predict, storage
+from textlabel import lora, predict
 from textlabel import model as model_lib
 from textlabel.chunking import LongTexts
 from textlabel.train_loop import LoopSettings, _fresh, _inputs
@@ -194,6 +195,52 @@ def test_lora_trains_only_adapters_and_new_layers_and_the_merged_model_labels_as
         torch.testing.assert_close(torch.softmax(again(**ids).logits, -1), adapted, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family, tasks", [("gpt2", TWO_TASKS[:1]), ("roberta", TWO_TASKS)])
+def test_a_lora_run_resumed_from_its_checkpoint_is_the_model_it_saved(base_models, family, tasks, tmp_path):
+    """What a restarted worker does (train_loop._from_checkpoint): the frozen base rebuilt, the adapter and heads loaded."""
+    from textlabel.train_loop import _from_checkpoint, _save_model
+
+    settings = _settings(base_models[family], tasks, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None})
+    net, tokenizer = _fresh(settings)
+    train = easy_rows(200, seed=1)
+    _train(net, tokenizer, train, [_ids(train)] * len(tasks), epochs=1)
+    _save_model(net, tokenizer, str(tmp_path))
+    again, _ = _from_checkpoint(settings, str(tmp_path))
+    assert lora.parameter_counts(again) == lora.parameter_counts(net)  # the same trainable set: the optimizer state fits
+    ids = _inputs(tokenizer, {"text": np.array(easy_rows(30, seed=9)["text"].to_pylist(), dtype=object)}, slice(None), 32,
+                  torch.device("cpu"))
+    net.eval(), again.eval()
+    with torch.no_grad():
+        before, after = net(**ids), again(**ids)
+    for a, b in zip(before if tasks is TWO_TASKS else [before.logits], after if tasks is TWO_TASKS else [after.logits]):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_decoder_whose_config_names_a_pad_id_pads_with_it(base_models, tmp_path):
+    """Hugging Face's decoder classifiers pool the last token that is not config.pad_token_id: batches must pad with it."""
+    import json
+
+    shutil.copytree(base_models["gpt2"], tmp_path / "m")
+    found = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**found, "pad_token_id": 7}))
+    assert model_lib.load_tokenizer(str(tmp_path / "m")).pad_token_id == 7
+
+
+def test_lora_trains_layers_the_checkpoint_did_not_have_in_full(tmp_path):
+    """A base model saved without a pooler (as some are): its pooler, like the classifier, is new, so it trains."""
+    from transformers import BertModel
+
+    from families import config, tokenizer
+
+    tok = tokenizer("bert")
+    BertModel(config("bert", tok), add_pooling_layer=False).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    net, _ = _fresh(_settings(str(tmp_path), TWO_TASKS[:1], {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None}))
+    trained = {n.split(".modules_to_save")[0] for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == {"base_model.model.bert.pooler.dense", "base_model.model.classifier"}
+    assert lora.parameter_counts(net)["trainable"] == _adapter_size(net, 4) + (32 * 32 + 32) + (32 * 2 + 2)
+
+
 def _unusable(kind: str, base_models: dict[str, str], root) -> tuple[str, list[str]]:
     """A --model (and extra options) that cannot work, of the given kind."""
     import transformers as tf
@@ -231,57 +278,3 @@ def test_a_model_that_cannot_work_is_refused_before_ray_starts(base_models, tmp_
     with pytest.raises((model_lib.ModelError, ConfigError)) as refused:
         run_training(cfg, start_ray=lambda: started.append(True))
     assert expected in str(refused.value) and not started and not (tmp_path / "o").exists()
-
-
-@pytest.fixture(scope="module")
-def lora_run(ray_session, base_models):
-    """`jobs/train.py --lora` on a RoBERTa, 2 workers, S3 to S3; then the labelling job with its artifact."""
-    from textlabel.cli import label_main, train_main
-
-    prefix = "s3://tests/lora-e2e"
-    put_parquet(f"{prefix}/data/part-0.parquet", easy_rows(400, seed=4))
-    args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", base_models["roberta"], "--lora",
-            "--lora-rank", 4, "--num-workers", 2, "--epochs", 1, "--learning-rate", 3e-3, "--batch-size", 16,
-            "--max-length", 32]
-    assert train_main([str(a) for a in args]) == 0
-    texts = easy_rows(60, seed=6)
-    put_parquet(f"{prefix}/in/a.parquet", pa.table({"id": list(range(60)), "text": texts["text"]}))
-    assert label_main(["--model", f"{prefix}/run/model", "--input", f"{prefix}/in/", "--output", f"{prefix}/out",
-                       "--max-length", "32", "--max-drift", "1e9"]) == 0
-    return prefix
-
-
-def test_a_lora_run_exports_a_plain_model_that_labels_as_the_job_does_and_its_adapter(lora_run, base_models, tmp_path):
-    """LoRA on a random tiny model learns little (there are no pretrained features to adapt), so this checks what
-    was trained and saved; benchmarks/lora.py measures accuracy on a pretrained model."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, pipeline
-
-    run = resolve(f"{lora_run}/run")
-    metrics = storage.read_json(run.join("metrics.json"))
-    assert metrics["lora"] == {"rank": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": None}
-    base = AutoModelForSequenceClassification.from_pretrained(base_models["roberta"], num_labels=2)
-    net, _ = _fresh(_settings(base_models["roberta"], TWO_TASKS[:1], {**metrics["lora"]}))
-    assert metrics["parameters"]["trainable"] == lora.parameter_counts(net)["trainable"] < 0.2 * metrics["parameters"]["total"]
-    assert len(metrics["epochs"][0]["peak_rss_mb_per_worker"]) == 2
-    model = model_lib.local_model_dir(f"{lora_run}/run/model")
-    assert not any("lora" in name for name in os.listdir(model))  # a plain Hugging Face model
-    merged = AutoModelForSequenceClassification.from_pretrained(model)
-    assert not any("lora" in n for n, _ in merged.named_parameters())
-    # The embeddings are not adapted: they are the base model's exactly.
-    assert torch.equal(merged.roberta.embeddings.word_embeddings.weight, base.roberta.embeddings.word_embeddings.weight)
-    out = read_output(f"{lora_run}/out").sort_by("id")
-    texts = out["text"].to_pylist()
-    found = pipeline("text-classification", model=model, batch_size=16)(texts, truncation=True, max_length=32)
-    clear = np.array([r["score"] for r in found]) > 0.5 + 1e-3  # LoRA on a random base leaves near-ties: skip those
-    assert clear.sum() > 30
-    assert np.array([r["label"] for r in found])[clear].tolist() == np.array(out["label"].to_pylist())[clear].tolist()
-    fetched = str(tmp_path / "adapter")
-    storage.copy_dir(resolve(f"{lora_run}/run/adapter"), storage.resolve(fetched))
-    tokenizer = model_lib.load_tokenizer(model)
-    again = PeftModel.from_pretrained(model_lib.load_for_training(base_models["roberta"], LABELS, tokenizer.pad_token_id),
-                                      fetched).eval()
-    with torch.no_grad():
-        logits = again(**tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
-    assert np.array([merged.config.id2label[i] for i in logits.argmax(-1).tolist()])[clear].tolist() == \
-        np.array(out["label"].to_pylist())[clear].tolist()

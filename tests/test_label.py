@@ -75,6 +75,8 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     ("label_clash", "already has column(s) label; pass --label-prefix"),
     ("not_a_model", "no *.safetensors weights"),
     ("unknown_class", "--min-score names class(es) spam that the model does not have; its classes: negative, positive"),
+    ("no_tokenizer", "no tokenizer files (tokenizer.json, vocab.txt, ...) beside the weights"),
+    ("max_length", "--max-length 200 is beyond"),  # the GPT-2 has 128 positions
 ])
 def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case, expected):
     model, extra = f"{trained['output']}/model", []
@@ -85,9 +87,14 @@ def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case
         storage.write_bytes(resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")
     elif case == "label_clash":
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"], "label": ["y"]}))
-    elif case == "unknown_class":
+    elif case in ("unknown_class", "max_length"):
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
-        extra = ["--min-score", "spam=0.9"]
+        extra = ["--min-score", "spam=0.9"] if case == "unknown_class" else ["--max-length", "200"]
+    elif case == "no_tokenizer":
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
+        storage.copy_dir(resolve(model), resolve(f"{s3_prefix}/model"), suffixes=(".json", ".safetensors"),
+                         exclude=("tokenizer.json", "tokenizer_config.json"))
+        model = f"{s3_prefix}/model"
     else:
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"text": ["x"]}))
         storage.write_bytes(resolve(f"{s3_prefix}/model/config.json"), b"{}")

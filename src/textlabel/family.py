@@ -82,7 +82,12 @@ def problems(config, max_length: int, model: str) -> list[str]:
 
 
 def fit_tokenizer(tokenizer, config):
-    """The tokenizer as training and labelling use it: a pad token (EOS for a decoder without one), right padding."""
+    """The tokenizer as training and labelling use it: a pad token (EOS for a decoder without one), right padding.
+    A decoder whose config names a pad id pads with that one: its classifier finds each row's last token by it."""
+    named = config.pad_token_id
+    if named is not None and 0 <= named < len(tokenizer) and (tokenizer.pad_token is None or
+                                                             (of(config).decoder and tokenizer.pad_token_id != named)):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(named)
     if tokenizer.pad_token is None:
         fill = tokenizer.eos_token or tokenizer.sep_token or tokenizer.unk_token
         if fill is None:

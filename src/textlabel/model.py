@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 # What a Hugging Face model directory needs; anything else (pickles, code) is never fetched.
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 PACKAGED_MODEL_NAME = "all-MiniLM-L6-v2 (packaged)"
+# A tokenizer's files, one of which a model directory needs (SentencePiece models end in .model).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+_NO_TOKENIZER = ("--model {model}: no tokenizer files (tokenizer.json, vocab.txt, ...) beside the weights; save the base "
+                 "model's tokenizer there (tokenizer.save_pretrained(DIR))")
 
 
 class ModelError(RuntimeError):
@@ -165,6 +169,11 @@ def check(model: str | None, max_length: int):
     found = family_lib.problems(config, max_length, describe(model))
     if found:
         raise ModelError(found[0])
+    if model and storage.is_remote(model):  # its file names, not the files: the weights are not fetched here
+        if not any(f.base_name in TOKENIZER_FILES or f.base_name.endswith(".model") for f in _remote_files(model)):
+            raise ModelError(_NO_TOKENIZER.format(model=model))
+    else:
+        load_tokenizer(local_model_dir(model))
     return config
 
 
@@ -182,8 +191,7 @@ def load_tokenizer(model_dir: str):
     config = load_config(model_dir)
     # transformers builds an empty tokenizer from a directory without tokenizer files, rather than failing.
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
-        raise ModelError(f"--model {model_dir}: no tokenizer files (tokenizer.json, vocab.txt, ...) beside the weights; "
-                         "save the base model's tokenizer there (tokenizer.save_pretrained(DIR))")
+        raise ModelError(_NO_TOKENIZER.format(model=model_dir))
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ModelError(f"--model {model_dir}: its tokenizer has {len(tokenizer)} tokens but the model embeds {vocab}: "
@@ -199,7 +207,7 @@ def load_for_training(model_dir: str, labels: list[str], pad_token_id: int | Non
     has none (a decoder: its classifier pools the last token that is not padding)."""
     from transformers import AutoModelForSequenceClassification
 
-    net = AutoModelForSequenceClassification.from_pretrained(
+    net, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
@@ -207,9 +215,19 @@ def load_for_training(model_dir: str, labels: list[str], pad_token_id: int | Non
         ignore_mismatched_sizes=True,
         use_safetensors=True,
         trust_remote_code=False,
+        output_loading_info=True,
     )
     if net.config.pad_token_id is None:
         net.config.pad_token_id = pad_token_id
+    return _note_new_layers(net, info)
+
+
+def _note_new_layers(net, info: dict):
+    """Record on ``net`` the modules the checkpoint did not have (freshly initialised: a classifier, a pooler):
+    under LoRA they train in full."""
+    keys = list(info.get("missing_keys", [])) + [k[0] if isinstance(k, (tuple, list)) else k
+                                                  for k in info.get("mismatched_keys", [])]
+    net.textlabel_new_layers = sorted({k.rsplit(".", 1)[0] for k in keys})
     return net
 
 
@@ -420,9 +438,11 @@ def load_multitask_for_training(model_dir: str, tasks: list[dict], pad_token_id:
     """A pretrained encoder (a base model, or a single-task classifier's) with fresh heads for ``tasks``."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False)
+    encoder, info = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
+                                              output_loading_info=True)
     if encoder.config.pad_token_id is None:
         encoder.config.pad_token_id = pad_token_id
+    _note_new_layers(encoder, info)
     return _multitask_class()(encoder, tasks)
 
 

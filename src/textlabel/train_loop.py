@@ -77,18 +77,11 @@ def _optimizer(net: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
 def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     """Model, tokenizer, optimizer/scheduler state and history: from the latest checkpoint if any."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None or s.lora:  # under LoRA, a resumed run rebuilds the frozen base and loads its adapter
+    if checkpoint is None:
         net, tokenizer = _fresh(s)
-        if checkpoint is None:
-            return net, tokenizer, None, {"epochs": [], "resumed_at_epochs": []}
+        return net, tokenizer, None, {"epochs": [], "resumed_at_epochs": []}
     with checkpoint.as_directory() as directory:
-        if s.lora:
-            lora.load_adapter(net, directory)
-            if s.multitask:
-                model_lib.load_heads(net, directory)
-        else:
-            net = (model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)).train()
-            tokenizer = model_lib.load_tokenizer(directory)
+        net, tokenizer = _from_checkpoint(s, directory)
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True, map_location="cpu")
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             history = json.load(f)
@@ -107,6 +100,30 @@ def _fresh(s: LoopSettings) -> tuple[torch.nn.Module, Any]:
     if s.lora:
         net = lora.wrap(net, lora.LoraSettings(**s.lora))
     return net, tokenizer
+
+
+def _from_checkpoint(s: LoopSettings, directory: str) -> tuple[torch.nn.Module, Any]:
+    """The model a checkpoint holds, ready to train on, and its tokenizer."""
+    if s.lora:  # the frozen base rebuilt, then the adapter (and a multi-task model's heads) loaded into it
+        net, tokenizer = _fresh(s)
+        lora.load_adapter(net, directory)
+        if s.multitask:
+            model_lib.load_heads(net, directory)
+        return net, tokenizer
+    net = model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)
+    return net.train(), model_lib.load_tokenizer(directory)
+
+
+def _save_model(net, tokenizer, directory: str) -> None:
+    """The model as it will be exported (merged under LoRA, its adapter in directory/adapter)."""
+    bare = net.module if hasattr(net, "module") else net
+    if lora.is_wrapped(bare):
+        lora.save_adapter(bare, directory)
+        bare = lora.merged(bare)  # the artifact is a plain model: labelling and pipeline() need no PEFT
+    if hasattr(bare, "heads"):
+        model_lib.save_multitask(bare, tokenizer, directory)
+    else:
+        model_lib.save(bare, tokenizer, directory)
 
 
 def _public(tasks: list[dict]) -> list[dict]:
@@ -276,14 +293,7 @@ def _calibration_record(s: LoopSettings, metrics: dict[str, Any]) -> dict[str, A
 
 def _save_checkpoint(net, tokenizer, optimizer, scheduler, history: dict, predictions: dict, directory: str,
                      s: LoopSettings) -> None:
-    bare = net.module if hasattr(net, "module") else net
-    if lora.is_wrapped(bare):
-        lora.save_adapter(bare, directory)
-        bare = lora.merged(bare)  # the artifact is a plain model: labelling and pipeline() need no PEFT
-    if hasattr(bare, "heads"):
-        model_lib.save_multitask(bare, tokenizer, directory)
-    else:
-        model_lib.save(bare, tokenizer, directory)
+    _save_model(net, tokenizer, directory)
     model_lib.write_extras(directory, _calibration_record(s, history["epochs"][-1]),
                            [{"name": t["name"], "labels": t["labels"], "counts": c} for t, c in zip(s.tasks, s.label_counts)])
     with open(os.path.join(directory, PREDICTIONS_FILE), "w") as f:

@@ -1,0 +1,114 @@
+"""Every model family through the real jobs: train (2 workers), label (fp32 and --quantize), evaluate, pipeline().
+
+    .venv/bin/python benchmarks/families.py                 # all eight families, about 8 minutes on 2 cores
+    .venv/bin/python benchmarks/families.py --only gpt2 llama
+
+For each family a tiny random model (2 layers, 64 wide; its tokenizer a byte-level BPE, WordPiece,
+unigram or SentencePiece-style BPE trained on the shipped SST-2 sample: tests/families.py) is
+fine-tuned by jobs/train.py with 2 Ray Train workers for 3 epochs on 1,200 rows of the test
+suite's easy sentiment task (one polar word among filler: a random tiny model cannot learn SST-2
+itself in minutes, and a model that predicts one class makes every agreement below trivial);
+jobs/label.py labels 600 new rows, in full precision and with --quantize; jobs/evaluate.py
+scores the model on the same rows; and the exported model is loaded in
+transformers.pipeline("text-classification") and run batched. It reports, per family: the
+validation accuracy training reported, the labelling job's accuracy, the evaluation job's
+(which must be the same), the share of rows whose int8 label equals the fp32 one, and the share
+of rows pipeline() labels as the job did.
+
+All jobs run in this process against one local Ray (as the test suite runs them).
+Writes benchmarks/out/families/results.json and prints the README's table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "out" / "families"
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny family builders live with the tests
+
+
+def run_family(family: str, work: Path) -> dict:
+    import pyarrow.dataset as pads
+    from transformers import pipeline
+
+    from families import tiny_model
+    from textlabel import storage
+    from textlabel.cli import evaluate_main, label_main, train_main
+
+    shutil.rmtree(work, ignore_errors=True)
+    base = tiny_model(family, work / "base", hidden=64, heads=4, intermediate=128)
+    start = time.perf_counter()
+    assert train_main(["--data", str(OUT / "train.parquet"), "--output", str(work / "run"), "--model", base, "--epochs", "3",
+                       "--learning-rate", "3e-3", "--batch-size", "16", "--max-length", "32"]) == 0
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    model = str(work / "run" / "model")
+    labelled = {}
+    for name, extra in (("fp32", []), ("int8", ["--quantize"])):
+        assert label_main(["--model", model, "--input", str(OUT / "corpus"), "--output", str(work / name), "--max-length",
+                           "32", "--max-drift", "1e9", *extra]) == 0
+        labelled[name] = pads.dataset(str(work / name), format="parquet", exclude_invalid_files=True).to_table().sort_by("id")
+    assert evaluate_main(["--model", model, "--data", str(OUT / "held_out.parquet"), "--output", str(work / "eval"),
+                          "--max-length", "32"]) == 0
+    evaluated = storage.read_json(storage.resolve(str(work / "eval" / "metrics.json")))
+    truth = pq.read_table(OUT / "held_out.parquet")["label"].to_pylist()
+    fp32 = labelled["fp32"]["label"].to_pylist()
+    found = pipeline("text-classification", model=model, batch_size=32)(labelled["fp32"]["text"].to_pylist(), truncation=True,
+                                                                        max_length=32)
+    return {
+        "model_type": metrics["model_family"]["model_type"], "pooling": metrics["model_family"]["pooling"],
+        "validation_accuracy": round(metrics["epochs"][-1]["val_accuracy"], 4),
+        "label_job_accuracy": round(float(np.mean(np.array(fp32) == np.array(truth))), 4),
+        "evaluate_job_accuracy": round(evaluated["accuracy"], 4),
+        "rows_labelled": labelled["fp32"].num_rows,
+        "int8_same_label": round(float(np.mean(np.array(labelled["int8"]["label"].to_pylist()) == np.array(fp32))), 4),
+        "pipeline_same_label": round(float(np.mean(np.array([r["label"] for r in found]) == np.array(fp32))), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def main() -> None:
+    from families import FAMILIES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=FAMILIES)
+    args = parser.parse_args()
+    import ray
+
+    from textlabel.cli import setup_logging
+
+    setup_logging()
+    from conftest import easy_rows
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    pq.write_table(easy_rows(1200, seed=1), OUT / "train.parquet")
+    held_out = easy_rows(600, seed=7)
+    pq.write_table(held_out, OUT / "held_out.parquet")
+    (OUT / "corpus").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"id": pa.array(range(held_out.num_rows), pa.int64()), "text": held_out["text"]}),
+                   OUT / "corpus" / "held_out.parquet")
+    ray.init(num_cpus=2, include_dashboard=False)
+    results_path = OUT / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for family in args.only or FAMILIES:
+        results[family] = run_family(family, OUT / family)
+        results_path.write_text(json.dumps(results, indent=2))
+        print(family, results[family], flush=True)
+    print("\n| family | pooling | validation accuracy | label job | evaluate job | int8 = fp32 label | pipeline() = job label |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for family, r in results.items():
+        print(f"| {family} | {r['pooling']} | {r['validation_accuracy']:.4f} | {r['label_job_accuracy']:.4f} | "
+              f"{r['evaluate_job_accuracy']:.4f} | {r['int8_same_label']:.2%} | {r['pipeline_same_label']:.2%} |")
+
+
+if __name__ == "__main__":
+    main()
