@@ -77,10 +77,24 @@ def test_console_script_runs_each_job(command):
     assert f"usage: textlabel {command}" in out and "--model" in out
 
 
-@pytest.mark.parametrize("name, cls", [("train.yaml", TrainConfig), ("label.yaml", LabelConfig)])
+@pytest.mark.parametrize("name, cls", [("train.yaml", TrainConfig), ("train-lora.yaml", TrainConfig),
+                                       ("label.yaml", LabelConfig)])
 def test_every_shipped_config_loads(repo_root, name, cls):
     cfg = parse_config(cls, ["--config", str(repo_root / "jobs/configs" / name)], "t", "t")
     assert cfg.use_gpu
+
+
+def test_lora_options():
+    base = ["--data", "d.parquet", "--output", "o"]
+    assert parse(base).lora_settings() is None
+    assert parse(base + ["--lora", "--lora-target-modules", "q_proj", "--lora-target-modules", "v_proj"]).lora_settings() == {
+        "rank": 8, "alpha": 16.0, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    with pytest.raises(ConfigError) as refused:
+        parse(base + ["--lora-rank", "4"])
+    assert "--lora-rank: LoRA options without --lora; add --lora or drop them" in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        parse(base + ["--lora", "--lora-rank", "0", "--lora-dropout", "1"])
+    assert "--lora-rank must be > 0, got 0" in str(refused.value) and "--lora-dropout must be in [0, 1)" in str(refused.value)
 
 
 def test_tasks_from_repeated_label_columns_or_weighted_yaml(tmp_path):

@@ -118,7 +118,7 @@ class TrainConfig(LongTextOptions):
         if not self.lora:
             changed = [f"--{n.replace('_', '-')}" for n in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
                        if getattr(self, n) != TrainConfig.__dataclass_fields__[n].default]
-            return [f"{', '.join(changed)} only apply with --lora; add --lora or drop them"] if changed else []
+            return [f"{', '.join(changed)}: LoRA options without --lora; add --lora or drop them"] if changed else []
         problems = _positive(self, ["lora_rank", "lora_alpha"])
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
