@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from textlabel import chunking, predict
+from textlabel import chunking, multitask, predict
 from textlabel.chunking import LongTexts
 
 
@@ -107,13 +107,11 @@ def test_a_ten_megabyte_text_costs_at_most_max_chunks_windows(tiny_model):
 def test_a_multi_task_model_combines_each_tasks_windows(tiny_model, tmp_path):
     import torch
 
-    from textlabel import model as model_lib
-
     torch.manual_seed(0)
     tasks = [{"name": "sentiment", "labels": ["negative", "positive"], "weight": 1.0},
              {"name": "topic", "labels": ["acting", "music", "visuals"], "weight": 1.0}]
-    net = model_lib.load_multitask_for_training(tiny_model, tasks)
-    model_lib.save_multitask(net, predict.tokenizer_for(tiny_model), str(tmp_path))
+    net = multitask.load_multitask_for_training(tiny_model, tasks)
+    multitask.save_multitask(net, predict.tokenizer_for(tiny_model), str(tmp_path))
     prepared = predict.prepare(str(tmp_path), pa.array([_document("great"), "short", None]), 64, LongTexts("chunk", 16))
     predictor = predict.Predictor(str(tmp_path))
     out = predictor.label(prepared)

@@ -16,7 +16,7 @@ import torch
 
 from conftest import easy_rows
 from families import DECODERS, FAMILIES, tiny_model
-from textlabel import lora, predict
+from textlabel import lora, multitask, predict
 from textlabel import model as model_lib
 from textlabel.chunking import LongTexts
 from textlabel.train_loop import LoopSettings, _fresh, _inputs
@@ -134,7 +134,7 @@ def test_a_multi_task_model_pools_its_family_s_token_and_labels_after_saving(bas
     sizes = np.array([int(len(t.split()) > 7) for t in train["text"].to_pylist()])
     sizes[::5] = -1  # a row without this task's label: masked out of its loss
     assert _train(net, tokenizer, train, [_ids(train), sizes], epochs=3) == []
-    model_lib.save_multitask(net, tokenizer, str(tmp_path))
+    multitask.save_multitask(net, tokenizer, str(tmp_path))
     texts = easy_rows(60, seed=3)["text"].to_pylist()
     ours = predict.Predictor(str(tmp_path)).label(predict.prepare(str(tmp_path), pa.array(texts), 32))
     assert np.mean(ours["sentiment_label_id"].to_numpy() == _ids(easy_rows(60, seed=3))) > 0.9

@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from textlabel import calibration, chunking, lora
+from textlabel import calibration, chunking, lora, multitask
 from textlabel import model as model_lib
 from textlabel.metrics import classification_metrics
 
@@ -95,7 +95,7 @@ def _fresh(s: LoopSettings) -> tuple[torch.nn.Module, Any]:
     base = model_lib.local_model_dir(s.model)
     tokenizer = model_lib.load_tokenizer(base)
     torch.manual_seed(s.seed)  # the new heads start the same on every worker
-    net = (model_lib.load_multitask_for_training(base, _public(s.tasks), tokenizer.pad_token_id) if s.multitask
+    net = (multitask.load_multitask_for_training(base, _public(s.tasks), tokenizer.pad_token_id) if s.multitask
            else model_lib.load_for_training(base, s.tasks[0]["labels"], tokenizer.pad_token_id))
     if s.lora:
         net = lora.wrap(net, lora.LoraSettings(**s.lora))
@@ -108,9 +108,9 @@ def _from_checkpoint(s: LoopSettings, directory: str) -> tuple[torch.nn.Module, 
         net, tokenizer = _fresh(s)
         lora.load_adapter(net, directory)
         if s.multitask:
-            model_lib.load_heads(net, directory)
+            multitask.load_heads(net, directory)
         return net, tokenizer
-    net = model_lib.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)
+    net = multitask.load_multitask(directory) if s.multitask else model_lib.load_classifier(directory)
     return net.train(), model_lib.load_tokenizer(directory)
 
 
@@ -121,7 +121,7 @@ def _save_model(net, tokenizer, directory: str) -> None:
         lora.save_adapter(bare, directory)
         bare = lora.merged(bare)  # the artifact is a plain model: labelling and pipeline() need no PEFT
     if hasattr(bare, "heads"):
-        model_lib.save_multitask(bare, tokenizer, directory)
+        multitask.save_multitask(bare, tokenizer, directory)
     else:
         model_lib.save(bare, tokenizer, directory)
 
