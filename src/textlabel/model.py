@@ -166,6 +166,7 @@ def config_of(model: str | None):
 def check(model: str | None, max_length: int):
     """Fail before any expensive work when --model cannot classify inputs of ``max_length`` tokens; return its
     config."""
+    check_model_dir(model)  # a directory that is no model at all is named as such first
     config = config_of(model)
     found = family_lib.problems(config, max_length, describe(model))
     if found:

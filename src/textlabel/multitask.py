@@ -57,12 +57,12 @@ def load_multitask_for_training(model_dir: str, tasks: list[dict], pad_token_id:
     """A pretrained encoder (a base model, or a single-task classifier's) with fresh heads for ``tasks``."""
     from transformers import AutoModel
 
+    from textlabel.model import note_new_layers
+
     encoder, info = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
                                               output_loading_info=True)
     if encoder.config.pad_token_id is None:
         encoder.config.pad_token_id = pad_token_id
-    from textlabel.model import note_new_layers
-
     note_new_layers(encoder, info)
     return _multitask_class()(encoder, tasks)
 
