@@ -249,7 +249,7 @@ def _unusable(kind: str, base_models: dict[str, str], root) -> tuple[str, list[s
     if kind in ("encoder-decoder", "not a text classifier"):
         config = tf.T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=16) if kind == "encoder-decoder" else \
             tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
-        config.save_pretrained(target)
+        tf.AutoModel.from_config(config).save_pretrained(target)  # a real model directory: config and safetensors
         return str(target), []
     shutil.copytree(base_models["gpt2" if kind != "max length" else "roberta"], target)
     if kind == "no tokenizer":
