@@ -77,7 +77,7 @@ class TrainConfig(LongTextOptions):
     max_length: int = _opt(128, "Longest tokenized row (special tokens included); longer rows are truncated, or cut into windows with --long-texts chunk. Batches pad to their own longest row.")
     seed: int = _opt(0, "Seed for the split, shuffling and initialisation.")
     max_failures: int = _opt(3, "Worker failures to recover from (from the latest checkpoint) before giving up.")
-    lora: bool = _opt(False, "Fine-tune LoRA adapters (PEFT) instead of every weight, for a model too large to fine-tune whole per worker: the pretrained weights stay frozen, the new classification layers train in full. OUTPUT/model is saved merged (plain Hugging Face weights), OUTPUT/adapter holds the adapter. Needs pip install 'textlabel[lora]'.")
+    lora: bool = _opt(False, "Fine-tune LoRA adapters (PEFT) instead of every weight, for a model too large to fine-tune whole per worker: the pretrained weights stay frozen, the new classification layers train in full. OUTPUT/model is saved merged (plain Hugging Face weights), OUTPUT/adapter holds the adapter. Needs PEFT: the lora extra (pip install -e '.[lora]'; cluster.yaml installs it).")
     lora_rank: int = _opt(8, "With --lora: rank r of each adapter's update.")
     lora_alpha: float = _opt(16.0, "With --lora: the update is scaled by alpha / r.")
     lora_dropout: float = _opt(0.1, "With --lora: dropout on the adapters' input.")
@@ -123,7 +123,7 @@ class TrainConfig(LongTextOptions):
         if not 0.0 <= self.lora_dropout < 1.0:
             problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if importlib.util.find_spec("peft") is None:
-            problems.append("--lora needs PEFT, which is not installed: pip install 'textlabel[lora]' (or pip install peft)")
+            problems.append("--lora needs PEFT, which is not installed: pip install -e '.[lora]' from the repository (or pip install peft)")
         return problems
 
     def lora_settings(self) -> dict | None:
