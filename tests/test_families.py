@@ -19,7 +19,7 @@ from families import DECODERS, FAMILIES, tiny_model
 from textlabel import lora, multitask, predict
 from textlabel import model as model_lib
 from textlabel.chunking import LongTexts
-from textlabel.train_loop import LoopSettings, _fresh, _inputs
+from textlabel.train_loop import LoopSettings, _fresh, _inputs, _save_model
 
 LABELS = ["negative", "positive"]
 TWO_TASKS = [{"name": "sentiment", "labels": LABELS, "weight": 1.0, "column": "label_id"},
@@ -174,9 +174,12 @@ def test_lora_trains_only_adapters_and_new_layers_and_the_merged_model_labels_as
     train = easy_rows(200, seed=1)
     assert _train(net, tokenizer, train, [_ids(train)], epochs=1) == []
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)  # the base never moved
-    merged_dir, adapter_dir = tmp_path / "model", tmp_path
-    model_lib.save(lora.merged(net), tokenizer, str(merged_dir))
-    lora.save_adapter(net, str(adapter_dir))
+    merged_dir = tmp_path / "model"
+    _save_model(net, tokenizer, str(merged_dir))  # what a LoRA run's checkpoint holds: merged weights, the adapter beside
+    from safetensors import safe_open
+
+    with safe_open(str(merged_dir / "model.safetensors"), "pt") as saved:  # a plain model's weights, no PEFT names
+        assert not [k for k in saved.keys() if "lora_" in k or "base_layer" in k or "modules_to_save" in k]
     texts = easy_rows(40, seed=5)["text"].to_pylist()
     labelled = predict.Predictor(str(merged_dir), runtime="torch").label(predict.prepare(str(merged_dir), pa.array(texts), 32))
     net.eval()
@@ -189,7 +192,7 @@ def test_lora_trains_only_adapters_and_new_layers_and_the_merged_model_labels_as
     from peft import PeftModel  # the adapter alone, on the base model, is the same model
 
     base = model_lib.load_for_training(base_models[family], LABELS, tokenizer.pad_token_id)
-    again = PeftModel.from_pretrained(base, str(adapter_dir / lora.ADAPTER_DIR)).eval()
+    again = PeftModel.from_pretrained(base, str(merged_dir / lora.ADAPTER_DIR)).eval()
     with torch.no_grad():
         ids = _inputs(tokenizer, {"text": np.array(texts, dtype=object)}, slice(None), 32, torch.device("cpu"))
         torch.testing.assert_close(torch.softmax(again(**ids).logits, -1), adapted, atol=1e-5, rtol=1e-4)
@@ -198,7 +201,7 @@ def test_lora_trains_only_adapters_and_new_layers_and_the_merged_model_labels_as
 @pytest.mark.parametrize("family, tasks", [("gpt2", TWO_TASKS[:1]), ("roberta", TWO_TASKS)])
 def test_a_lora_run_resumed_from_its_checkpoint_is_the_model_it_saved(base_models, family, tasks, tmp_path):
     """What a restarted worker does (train_loop._from_checkpoint): the frozen base rebuilt, the adapter and heads loaded."""
-    from textlabel.train_loop import _from_checkpoint, _save_model
+    from textlabel.train_loop import _from_checkpoint
 
     settings = _settings(base_models[family], tasks, {"rank": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": None})
     net, tokenizer = _fresh(settings)

@@ -383,7 +383,8 @@ def training_labels(model: str | None) -> list[dict] | None:
     return None
 
 
-def save(model, tokenizer, directory: str) -> None:
-    """Save model (safetensors) and tokenizer in Hugging Face format."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save(model, tokenizer, directory: str, state_dict: dict | None = None) -> None:
+    """Save model (safetensors; ``state_dict`` instead of its own weights if given) and tokenizer in Hugging Face
+    format."""
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)

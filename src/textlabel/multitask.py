@@ -93,13 +93,14 @@ def load_heads(net, model_dir: str) -> None:
         head.bias.data.copy_(heads[f"{t['name']}.bias"])
 
 
-def save_multitask(net, tokenizer, directory: str) -> None:
-    """Encoder in Hugging Face format, heads and the task list beside it."""
+def save_multitask(net, tokenizer, directory: str, encoder=None, state_dict: dict | None = None) -> None:
+    """Encoder in Hugging Face format, heads and the task list beside it. ``encoder`` and ``state_dict``: save
+    that model with those weights as the encoder (a LoRA run's, merged)."""
     import json
 
     from safetensors.torch import save_file
 
-    net.encoder.save_pretrained(directory, safe_serialization=True)
+    (encoder or net.encoder).save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     save_file({f"{t['name']}.{k}": v.detach().cpu().contiguous() for t, head in zip(net.tasks, net.heads)
                for k, v in head.state_dict().items()}, os.path.join(directory, HEADS_FILE))

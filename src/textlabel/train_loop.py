@@ -117,13 +117,17 @@ def _from_checkpoint(s: LoopSettings, directory: str) -> tuple[torch.nn.Module, 
 def _save_model(net, tokenizer, directory: str) -> None:
     """The model as it will be exported (merged under LoRA, its adapter in directory/adapter)."""
     bare = net.module if hasattr(net, "module") else net
-    if lora.is_wrapped(bare):
-        lora.save_adapter(bare, directory)
-        bare = lora.merged(bare)  # the artifact is a plain model: labelling and pipeline() need no PEFT
+    if not lora.is_wrapped(bare):
+        (multitask.save_multitask if hasattr(bare, "heads") else model_lib.save)(bare, tokenizer, directory)
+        return
+    lora.save_adapter(bare, directory)
+    # The artifact is a plain model, the adapters merged in: labelling and pipeline() need no PEFT.
     if hasattr(bare, "heads"):
-        multitask.save_multitask(bare, tokenizer, directory)
+        encoder, state = lora.merged_weights(bare.encoder)
+        multitask.save_multitask(bare, tokenizer, directory, encoder, state)
     else:
-        model_lib.save(bare, tokenizer, directory)
+        base, state = lora.merged_weights(bare)
+        model_lib.save(base, tokenizer, directory, state)
 
 
 def _public(tasks: list[dict]) -> list[dict]:
