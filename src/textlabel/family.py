@@ -98,12 +98,6 @@ def fit_tokenizer(tokenizer, config):
     return tokenizer
 
 
-def fit_config(config, tokenizer) -> None:
-    """Record the pad id in the config, so that a decoder's classifier finds each row's last real token."""
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-
-
 def lora_targets(config) -> list[str]:
     """The modules LoRA adapts in a family by default: its attention's query and value projections."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
