@@ -16,7 +16,8 @@ from textlabel.model import local_model_dir
 
 @pytest.fixture(scope="module")
 def wider_tiny_model(tmp_path_factory) -> str:
-    """A 2-layer, 64-wide random RoBERTa (byte-level BPE trained on the shipped sample; RobertaModel has a pooler)."""
+    """A 2-layer, 64-wide random RoBERTa (byte-level BPE trained on the shipped sample; RobertaModel has a pooler). It
+    learns both tasks by the third epoch (sentiment 0.69 / topic 0.95 after one, 1.0 / 1.0 after three): 4 are given."""
     from families import tiny_model
 
     return tiny_model("roberta", tmp_path_factory.mktemp("tiny-roberta-64"), hidden=64, heads=4, intermediate=128)
@@ -28,7 +29,7 @@ def two_task(ray_session, wider_tiny_model):
     rows = two_task_rows(1500, seed=11, missing=0.15)
     put_parquet(f"{prefix}/data/part-0.parquet", rows)
     args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", wider_tiny_model, "--label-column", "sentiment",
-            "--label-column", "topic", "--num-workers", 2, "--epochs", 6, "--learning-rate", 2e-3, "--batch-size", 16,
+            "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
             "--max-length", 32]
     assert train_main([str(a) for a in args]) == 0
     return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(resolve(f"{prefix}/run/metrics.json"))}
@@ -40,7 +41,7 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
     assert metrics["tasks"][1]["labels"] == ["acting", "music", "visuals"]
     both_missing = sum(s is None and t is None for s, t in zip(rows["sentiment"].to_pylist(), rows["topic"].to_pylist()))
     assert metrics["dropped_rows"]["data"] == {"no_label": both_missing}  # only rows with no label at all
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
     final = metrics["epochs"][-1]
     tasks = final["val_tasks"]
     # Each task is scored on its own labelled rows: fewer than the validation rows, since labels are missing.
