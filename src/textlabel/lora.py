@@ -84,8 +84,13 @@ def _new_layers(net) -> list[str]:
     return [name for name in getattr(net, "textlabel_new_layers", []) if name]
 
 
+def _peft_part(net):
+    """The PEFT model inside ``net``: the net itself, or a multi-task model's encoder."""
+    return net.encoder if hasattr(net, "heads") else net
+
+
 def is_wrapped(net) -> bool:
-    return hasattr(getattr(net, "encoder", net), "peft_config")
+    return hasattr(_peft_part(net), "peft_config")
 
 
 def merged_weights(peft_model) -> tuple[object, dict]:
@@ -111,8 +116,7 @@ def merged_weights(peft_model) -> tuple[object, dict]:
 
 def save_adapter(net, directory: str) -> None:
     """The adapter alone (with the trained classification layers), in PEFT's format, under directory/adapter."""
-    peft_model = net.encoder if hasattr(net, "heads") else net
-    peft_model.save_pretrained(os.path.join(directory, ADAPTER_DIR), safe_serialization=True)
+    _peft_part(net).save_pretrained(os.path.join(directory, ADAPTER_DIR), safe_serialization=True)
 
 
 def load_adapter(net, directory: str) -> None:
@@ -120,8 +124,7 @@ def load_adapter(net, directory: str) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    peft_model = net.encoder if hasattr(net, "heads") else net
-    set_peft_model_state_dict(peft_model, load_file(os.path.join(directory, ADAPTER_DIR, "adapter_model.safetensors")))
+    set_peft_model_state_dict(_peft_part(net), load_file(os.path.join(directory, ADAPTER_DIR, "adapter_model.safetensors")))
 
 
 def parameter_counts(net) -> dict[str, int]:
