@@ -175,7 +175,7 @@ def trained(ray_session, tiny_gpt2, s3_endpoint):
     put_parquet(f"{prefix}/data/part-1.parquet", table.slice(600))
     output = f"{prefix}/run"
     args = ["--data", f"{prefix}/data/", "--output", output, "--model", tiny_gpt2, "--num-workers", 2,
-            "--epochs", 3, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32]
+            "--epochs", 6, "--early-stopping-patience", 1, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32]
     from textlabel.cli import train_main
 
     assert train_main([str(a) for a in args]) == 0

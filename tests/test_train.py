@@ -27,16 +27,22 @@ def _metrics(output: str) -> dict:
     return storage.read_json(resolve(output).join("metrics.json"))
 
 
-def test_training_learns_and_records_every_epoch(trained):
+def test_training_learns_records_every_epoch_stops_early_and_exports_the_best(trained):
     metrics = _metrics(trained["output"])
-    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    f1 = [e["val_macro_f1"] for e in metrics["epochs"]]
+    assert [e["epoch"] for e in metrics["epochs"]] == list(range(1, len(f1) + 1))
+    # --epochs 6 --early-stopping-patience 1: it stops after the first epoch that does not beat the best so far.
+    assert metrics["stopped_early"] and len(f1) < 6
+    assert f1[-1] <= max(f1[:-1]) and all(f1[i] > max(f1[:i]) for i in range(1, len(f1) - 1))
+    assert metrics["best_epoch"] == f1.index(max(f1)) + 1
+    assert metrics["validation"] == metrics["epochs"][metrics["best_epoch"] - 1]
     assert metrics["labels"] == ["negative", "positive"]
     assert metrics["train_rows"] + metrics["validation_rows"] == trained["rows"]
     # The whole held-out set is evaluated (gathered from both workers), not one worker's shard.
     assert all(e["val_rows"] == metrics["validation_rows"] == 240 for e in metrics["epochs"])
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
-    assert metrics["epochs"][-1]["val_accuracy"] > 0.9
-    per_class = metrics["epochs"][-1]["val_per_class"]
+    assert metrics["validation"]["val_accuracy"] > 0.9
+    per_class = metrics["validation"]["val_per_class"]
     assert set(per_class) == {"negative", "positive"}
     assert sum(c["support"] for c in per_class.values()) == 240
 
@@ -45,7 +51,8 @@ def test_the_model_carries_its_temperature_and_training_labels_and_the_report_it
     model = resolve(trained["output"]).join("model")
     fitted = storage.read_json(model.join("textlabel_calibration.json"))["tasks"][0]
     metrics = _metrics(trained["output"])
-    assert fitted == metrics["calibration"][0] == {"name": "label", **metrics["epochs"][-1]["val_calibration"]}
+    # The exported model is the best epoch's: its temperature is the one fitted after that epoch.
+    assert fitted == metrics["calibration"][0] == {"name": "label", **metrics["validation"]["val_calibration"]}
     assert fitted["temperature"] > 0 and fitted["rows"] == 240
     assert fitted["nll_after"] <= fitted["nll_before"]  # the temperature minimises NLL on these rows (1.0 is a candidate)
     counts = storage.read_json(model.join("textlabel_training_labels.json"))["tasks"][0]

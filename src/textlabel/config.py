@@ -68,9 +68,11 @@ class TrainConfig(LongTextOptions):
     num_workers: int = _opt(2, "Ray Train workers (one GPU each with --use-gpu).")
     use_gpu: bool = _opt(False, "Train on GPUs (one per worker), with bf16 autocast.")
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker.")
-    epochs: int = _opt(3, "Passes over the training rows.")
+    epochs: int = _opt(3, "Most passes over the training rows (early stopping may end the run sooner); the model exported is the best epoch's.")
     batch_size: int = _opt(32, "Rows per optimizer step, per worker.")
-    learning_rate: float = _opt(5e-5, "Peak AdamW learning rate (linear warmup, then linear decay).")
+    learning_rate: float = _opt(5e-5, "Peak AdamW learning rate of the pretrained weights (linear warmup, then linear decay).")
+    head_learning_rate: float = _opt(1e-3, "Peak learning rate of the layers the base model did not have (the classification heads, a missing pooler), on the same schedule: a fresh head learns from nothing, the encoder only adjusts.")
+    early_stopping_patience: int = _opt(2, "Stop when validation macro-F1 has not improved for this many epochs (0: run every --epochs).")
     warmup_ratio: float = _opt(0.1, "Share of all steps spent warming the learning rate up.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
@@ -89,7 +91,10 @@ class TrainConfig(LongTextOptions):
         problems += self._lora_problems()
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
-        problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "cpus_per_worker"])
+        problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "head_learning_rate",
+                                     "cpus_per_worker"])
+        if self.early_stopping_patience < 0:
+            problems.append(f"--early-stopping-patience must be >= 0 (0: never stop early), got {self.early_stopping_patience}")
         problems += self._long_text_problems()
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

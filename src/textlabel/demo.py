@@ -81,7 +81,7 @@ def run_demo(epochs: int = 1, learning_rate: float = 1e-4) -> dict:
         cfg.validate()
         metrics = run_training(cfg)
         train_seconds = time.perf_counter() - start
-        final = metrics["epochs"][-1]
+        final = metrics["validation"]
         print(
             f"\nDEMO fine-tune: SST-2 dev accuracy {final['val_accuracy']:.4f} (macro-F1 {final['val_macro_f1']:.4f}) "
             f"on {final['val_rows']} rows after {final['epoch']} epochs over {metrics['train_rows']} rows; "

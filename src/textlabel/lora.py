@@ -67,11 +67,11 @@ def wrap(net, s: LoraSettings):
     from peft import get_peft_model
 
     if hasattr(net, "heads"):  # a multi-task model: adapt its encoder; the heads, outside it, train in full
-        net.encoder = get_peft_model(net.encoder, _config(net.encoder, s, _new_layers(net.encoder) or None))
+        net.encoder = get_peft_model(net.encoder, _config(net.encoder, s, new_layers(net.encoder) or None))
         return net
     added = [name for name, child in net.named_children()
              if name != net.base_model_prefix and any(True for _ in child.parameters())]
-    return get_peft_model(net, _config(net, s, _outermost(added + _new_layers(net))))
+    return get_peft_model(net, _config(net, s, _outermost(added + new_layers(net))))
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -79,7 +79,7 @@ def _outermost(names: list[str]) -> list[str]:
     return sorted({n for n in names if not any(n.startswith(other + ".") for other in names)})
 
 
-def _new_layers(net) -> list[str]:
+def new_layers(net) -> list[str]:
     """Modules the checkpoint did not have (model.load_for_training notes them): not pretrained, so not frozen."""
     return [name for name in getattr(net, "textlabel_new_layers", []) if name]
 

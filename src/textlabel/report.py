@@ -61,8 +61,9 @@ def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> 
     return data
 
 
-def curves_png(epochs: list[dict]) -> bytes:
-    """Train and validation loss, validation accuracy and macro-F1, per epoch."""
+def curves_png(epochs: list[dict], best_epoch: int | None = None) -> bytes:
+    """Train and validation loss, validation accuracy and macro-F1, per epoch (``best_epoch``: the one exported,
+    marked when it is not the last)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +75,9 @@ def curves_png(epochs: list[dict]) -> bytes:
     loss_ax.plot(x, [e["val_loss"] for e in epochs], "o-", label="validation loss")
     score_ax.plot(x, [e["val_accuracy"] for e in epochs], "o-", label="validation accuracy")
     score_ax.plot(x, [e["val_macro_f1"] for e in epochs], "o-", label="validation macro-F1")
+    if best_epoch is not None and best_epoch != x[-1]:
+        for ax in (loss_ax, score_ax):
+            ax.axvline(best_epoch, color="grey", linestyle="--", label=f"exported: epoch {best_epoch}")
     for ax, title in [(loss_ax, "Loss"), (score_ax, "Validation scores")]:
         ax.set_xlabel("epoch")
         ax.set_xticks(x)
@@ -184,7 +188,8 @@ def report_markdown(metrics: dict[str, Any], labels: list[str], y_true: np.ndarr
 
 def write_report(directory: storage.Location, labels: list[str], y_true: np.ndarray, y_pred: np.ndarray,
                  texts: list[str], epochs: list[dict] | None = None, baseline: dict[str, Any] | None = None,
-                 by_length: dict[str, Any] | None = None, scores: Scores | None = None) -> dict[str, Any]:
+                 by_length: dict[str, Any] | None = None, scores: Scores | None = None,
+                 best_epoch: int | None = None) -> dict[str, Any]:
     """Write report.md and its PNGs under ``directory``; returns the model's metrics (with ``by_length``:
     length_groups' figures, and ``scores``: ECE, calibration and abstaining, with reliability.png)."""
     metrics = classification_metrics(y_true, y_pred, labels) | ({"by_length": by_length} if by_length else {})
@@ -193,7 +198,7 @@ def write_report(directory: storage.Location, labels: list[str], y_true: np.ndar
         storage.write_bytes(directory.join("reliability.png"), calibration.reliability_png(scores.curves))
     storage.write_bytes(directory.join("confusion_matrix.png"), confusion_png(y_true, y_pred, labels))
     if epochs:
-        storage.write_bytes(directory.join("training_curves.png"), curves_png(epochs))
+        storage.write_bytes(directory.join("training_curves.png"), curves_png(epochs, best_epoch))
     markdown = report_markdown(metrics, labels, y_true, y_pred, texts, baseline, bool(epochs))
     storage.write_bytes(directory.join("report.md"), markdown.encode())
     logger.info("report written to %s", directory.join("report.md").url)

@@ -31,7 +31,8 @@ from textlabel import predict, storage
 from textlabel.config import ConfigError, TrainConfig
 from textlabel.lora import ADAPTER_DIR
 from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
-from textlabel.train_loop import HISTORY_FILE, PREDICTIONS_FILE, LoopSettings, settings_dict, train_loop_per_worker
+from textlabel.train_loop import (HISTORY_FILE, IMPROVED, PREDICTIONS_FILE, LoopSettings, best_epoch, settings_dict,
+                                  train_loop_per_worker)
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,8 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
         steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
-        lora=cfg.lora_settings(),
+        lora=cfg.lora_settings(), head_learning_rate=cfg.head_learning_rate,
+        early_stopping_patience=cfg.early_stopping_patience,
         label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
                       for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],
     )
@@ -185,7 +187,9 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=out.path, storage_filesystem=out.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # The best epoch's checkpoint (what is exported) and the latest (what a restart resumes from).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=IMPROVED,
+                                                         checkpoint_score_order="max"),
         ),
         datasets={
             "train": data_lib.to_dataset(prepared.train_inputs, 8 * cfg.num_workers),
@@ -196,14 +200,28 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
     )
 
 
-def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> tuple[dict[str, Any], dict[str, list]]:
-    """Copy the model files of the final checkpoint to OUTPUT/model (and a LoRA run's adapter to OUTPUT/adapter);
-    return its history and predictions."""
+def _best_checkpoint(result: ray.train.Result, epochs: list[dict]) -> tuple[ray.train.Checkpoint, int]:
+    """The checkpoint of the epoch with the best validation macro-F1 (the earliest of equals), and that epoch."""
+    best = best_epoch(epochs) + 1
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics.get("epoch") == best:
+            return checkpoint, best
+    raise RuntimeError(f"the checkpoint of epoch {best} (the best validation macro-F1) was not kept; see the Ray Train log")
+
+
+def _export(checkpoint: ray.train.Checkpoint, out: storage.Location) -> dict[str, list]:
+    """Copy the model files of a checkpoint to OUTPUT/model (and a LoRA run's adapter to OUTPUT/adapter);
+    return its validation predictions."""
     src = storage.Location(checkpoint.path, checkpoint.filesystem, checkpoint.path)
     storage.copy_dir(src, out.join("model"), suffixes=model_lib.MODEL_FILE_SUFFIXES, exclude=(HISTORY_FILE, PREDICTIONS_FILE))
     if storage.exists(src.join(ADAPTER_DIR, "adapter_config.json")):
         storage.copy_dir(src.join(ADAPTER_DIR), out.join(ADAPTER_DIR))
-    return storage.read_json(src.join(HISTORY_FILE)), storage.read_json(src.join(PREDICTIONS_FILE))
+    return storage.read_json(src.join(PREDICTIONS_FILE))
+
+
+def _history(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """Every epoch's metrics, as the latest checkpoint records them."""
+    return storage.read_json(storage.Location(checkpoint.path, checkpoint.filesystem, checkpoint.path).join(HISTORY_FILE))
 
 
 def _scores(predictions: dict[str, Any], task: str | None, order: np.ndarray, keep: np.ndarray, y_true: np.ndarray,
@@ -222,10 +240,12 @@ def _scores(predictions: dict[str, Any], task: str | None, order: np.ndarray, ke
                    after: (of("score"), of("pred") == y_true)}, figures)
 
 
-def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str, list], epochs: list[dict]) -> dict[str, Any]:
-    """OUTPUT/report/: the fine-tuned model on the validation rows, beside a TF-IDF baseline on the same split."""
+def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str, list], epochs: list[dict],
+            best: dict[str, Any]) -> dict[str, Any]:
+    """OUTPUT/report/: the exported model (the ``best`` epoch's) on the validation rows, beside a TF-IDF baseline on
+    the same split; the curves show every epoch."""
     if prepared.multitask:
-        return _multitask_report(out, prepared, predictions, epochs)
+        return _multitask_report(out, prepared, predictions, epochs, best)
     order = np.argsort(predictions["row_id"])
     y_pred = np.asarray(predictions["pred"])[order]
     y_true = prepared.validation["label_id"].to_numpy()
@@ -233,14 +253,14 @@ def _report(out: storage.Location, prepared: PreparedData, predictions: dict[str
     baseline = tfidf_baseline(prepared.train["text"].to_pylist(), prepared.train["label_id"].to_numpy(),
                               val_texts, y_true, prepared.labels)
     every = np.arange(len(y_true))
-    scores = _scores(predictions, None, order, every, y_true, epochs[-1].get("val_calibration"))
+    scores = _scores(predictions, None, order, every, y_true, best.get("val_calibration"))
     write_report(out.join("report"), prepared.labels, y_true, y_pred, val_texts, epochs, baseline,
-                 prepared.by_length(every, y_true, y_pred), scores)
+                 prepared.by_length(every, y_true, y_pred), scores, best["epoch"])
     return baseline
 
 
 def _multitask_report(out: storage.Location, prepared: PreparedData, predictions: dict[str, Any],
-                      epochs: list[dict]) -> dict[str, Any]:
+                      epochs: list[dict], best: dict[str, Any]) -> dict[str, Any]:
     """OUTPUT/report/<task>/ for each task (its rows only) and OUTPUT/report/report.md comparing them."""
     order = np.argsort(predictions["row_id"])
     texts = np.array(prepared.validation["text"].to_pylist(), dtype=object)
@@ -258,16 +278,16 @@ def _multitask_report(out: storage.Location, prepared: PreparedData, predictions
         task_epochs = [{"epoch": e["epoch"], "train_loss": e["train_task_loss"][t["name"]], "val_loss": e["val_tasks"][t["name"]]["loss"],
                         "val_accuracy": e["val_tasks"][t["name"]]["accuracy"], "val_macro_f1": e["val_tasks"][t["name"]]["macro_f1"]}
                        for e in epochs]
-        fitted = epochs[-1]["val_tasks"][t["name"]].get("calibration")
+        fitted = best["val_tasks"][t["name"]].get("calibration")
         scores = _scores(predictions, t["name"], order, valid, y_true[valid], fitted)
         metrics = write_report(out.join("report", t["name"]), t["labels"], y_true[valid], y_pred[valid], list(texts[valid]),
                                task_epochs, baseline, prepared.by_length(np.flatnonzero(valid), y_true[valid], y_pred[valid]),
-                               scores)
+                               scores, best["epoch"])
         baselines[t["name"]] = baseline
         lines.append(f"| [{t['name']}]({t['name']}/report.md) | {len(t['labels'])} | {int(valid.sum())} | {metrics['accuracy']:.4f} | "
                      f"{metrics['macro_f1']:.4f} | {baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | {t['weight']} |")
-    final = epochs[-1]
-    lines += ["", f"Average over the tasks: accuracy {final['val_accuracy']:.4f}, macro-F1 {final['val_macro_f1']:.4f}. "
+    lines += ["", f"Epoch {best['epoch']} of {epochs[-1]['epoch']} (the exported model, best validation macro-F1). "
+              f"Average over the tasks: accuracy {best['val_accuracy']:.4f}, macro-F1 {best['val_macro_f1']:.4f}. "
               "Training minimises the weighted sum of the tasks' losses; each task's report plots its own.", ""]
     storage.write_bytes(out.join("report", "report.md"), "\n".join(lines).encode())
     return baselines
@@ -312,8 +332,10 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
     result = _trainer(cfg, prepared, out).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
-    history, predictions = _export(result.checkpoint, out)
-    baseline = _report(out, prepared, predictions, history["epochs"])
+    history = _history(result.checkpoint)
+    checkpoint, best = _best_checkpoint(result, history["epochs"])
+    predictions = _export(checkpoint, out)
+    baseline = _report(out, prepared, predictions, history["epochs"], history["epochs"][best - 1])
     metrics = {
         "model": model_lib.describe(cfg.model),
         "labels": prepared.labels,
@@ -330,13 +352,16 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
            if prepared.validation_cut is not None else {}),
         "calibration": _calibration(out),
         "wall_seconds": round(time.perf_counter() - start, 1),
+        "best_epoch": best,
+        "stopped_early": len(history["epochs"]) < cfg.epochs,
+        "validation": history["epochs"][best - 1],  # the exported model's figures
         **history,
         "baseline_tfidf_logreg": baseline,
     }
     storage.write_json(out.join("metrics.json"), metrics)
-    final = history["epochs"][-1]
+    final = metrics["validation"]
     logger.info(
-        "done: validation accuracy %.4f, macro-F1 %.4f after %d epochs; temperature %s (ECE %s); model in %s",
+        "done: validation accuracy %.4f, macro-F1 %.4f at epoch %d (the model exported); temperature %s (ECE %s); model in %s",
         final["val_accuracy"], final["val_macro_f1"], final["epoch"],
         ", ".join(f"{t['temperature']:.3f}" for t in metrics["calibration"]),
         ", ".join(f"{t['ece_before']:.4f} -> {t['ece_after']:.4f}" for t in metrics["calibration"]), out.join("model").url,

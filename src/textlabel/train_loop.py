@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 PREDICTIONS_FILE = "val_predictions.json"
+IMPROVED = "improved_epoch"  # reported metric: the epoch's number when it is the best so far, else 0
 
 
 @dataclass
@@ -57,6 +58,8 @@ class LoopSettings:
     steps_per_epoch: int
     label_counts: list[list[int]]  # per task: training rows of each class (saved with the model: drift's reference)
     lora: dict | None = None  # lora.LoraSettings as a dict: adapters instead of full fine-tuning
+    head_learning_rate: float | None = None  # the new layers' peak rate (None: learning_rate)
+    early_stopping_patience: int = 0  # epochs without a better validation macro-F1 before stopping (0: never)
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -64,14 +67,48 @@ def _setup_worker_logging(rank: int) -> None:
     logging.getLogger("textlabel").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def _optimizer(net: torch.nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def head_layers(net: torch.nn.Module) -> list[str]:
+    """Module paths of the layers the base checkpoint did not have (a classifier, a multi-task model's heads,
+    a missing pooler), as named in the model without LoRA's or DDP's wrappers."""
+    if hasattr(net, "heads"):
+        return ["heads"] + [f"encoder.{name}" for name in lora.new_layers(net.encoder)]
+    return lora.new_layers(net)
+
+
+def is_head(parameter_name: str, heads: list[str]) -> bool:
+    """Whether a parameter belongs to one of ``heads`` (under DDP's ``module.`` and PEFT's ``base_model.model.``;
+    a LoRA run's trained copy of a head is ``<head>.modules_to_save.default.*``)."""
+    name = parameter_name.removeprefix("module.").replace("base_model.model.", "")
+    return any(name == h or name.startswith(h + ".") for h in heads)
+
+
+def param_groups(net: torch.nn.Module, s: LoopSettings, heads: list[str]) -> list[dict]:
+    """AdamW's parameter groups: the pretrained weights at --learning-rate, the new layers at
+    --head-learning-rate; no weight decay on biases and LayerNorms. Frozen (LoRA) weights are left out."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in net.named_parameters():
         if not param.requires_grad:  # frozen under LoRA: no gradient, no optimizer state
             continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.learning_rate)
+        key = (is_head(name, heads), not (param.ndim < 2 or "LayerNorm" in name))
+        groups.setdefault(key, []).append(param)
+    head_lr = s.learning_rate if s.head_learning_rate is None else s.head_learning_rate
+    return [{"params": groups[key], "lr": head_lr if key[0] else s.learning_rate,
+             "weight_decay": s.weight_decay if key[1] else 0.0}
+            for key in sorted(groups)]  # the same order on every worker and after a resume
+
+
+def _optimizer(net: torch.nn.Module, s: LoopSettings, heads: list[str]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(net, s, heads), lr=s.learning_rate)
+
+
+def best_epoch(epochs: list[dict]) -> int:
+    """Index of the epoch with the best validation macro-F1 (the earliest of equals)."""
+    return int(np.argmax([e["val_macro_f1"] for e in epochs]))
+
+
+def should_stop(epochs: list[dict], patience: int) -> bool:
+    """Early stopping: ``patience`` epochs have passed without a better validation macro-F1."""
+    return patience > 0 and bool(epochs) and len(epochs) - 1 - best_epoch(epochs) >= patience
 
 
 def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
@@ -79,13 +116,14 @@ def _restore(s: LoopSettings) -> tuple[torch.nn.Module, Any, dict | None, dict]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         net, tokenizer = _fresh(s)
-        return net, tokenizer, None, {"epochs": [], "resumed_at_epochs": []}
+        return net, tokenizer, None, {"epochs": [], "resumed_at_epochs": [], "head_layers": head_layers(net)}
     with checkpoint.as_directory() as directory:
         net, tokenizer = _from_checkpoint(s, directory)
         state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True, map_location="cpu")
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             history = json.load(f)
     history["resumed_at_epochs"].append(len(history["epochs"]))
+    history.setdefault("head_layers", head_layers(net))  # a loaded classifier's layers are no longer new
     logger.info("resuming from the checkpoint after epoch %d", len(history["epochs"]))
     return net, tokenizer, state, history
 
@@ -316,10 +354,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     net, tokenizer, state, history = _restore(s)
     history["parameters"] = lora.parameter_counts(net)
-    logger.info("training %d of the model's %d parameters%s", history["parameters"]["trainable"],
-                history["parameters"]["total"], " (LoRA)" if s.lora else "")
+    logger.info("training %d of the model's %d parameters%s; new layers %s at learning rate %g, the rest at %g",
+                history["parameters"]["trainable"], history["parameters"]["total"], " (LoRA)" if s.lora else "",
+                history["head_layers"], s.head_learning_rate or s.learning_rate, s.learning_rate)
     net = ray.train.torch.prepare_model(net)
-    optimizer = _optimizer(net, s)
+    optimizer = _optimizer(net, s, history["head_layers"])
     total_steps = s.steps_per_epoch * s.epochs
     from transformers import get_linear_schedule_with_warmup
 
@@ -327,7 +366,11 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    # Every worker holds the same history here (fresh, or the checkpoint's): they agree without talking.
+    stop = should_stop(history["epochs"], s.early_stopping_patience)
     for epoch in range(len(history["epochs"]), s.epochs):
+        if stop:
+            break
         start = time.perf_counter()
         loss_sum, rows, task_sums = _train_epoch(net, tokenizer, optimizer, scheduler, s, epoch, device)
         seconds = time.perf_counter() - start
@@ -335,6 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
         evaluated = _evaluate(net, tokenizer, s, rank, world, device)
         if evaluated is None:
             ray.train.report({"epoch": epoch + 1})
+            stop = _gather(None)[0]  # rank 0's decision
             continue
         metrics, predictions = evaluated
         total_rows = sum(p[1] for p in per_worker)
@@ -365,10 +409,19 @@ def train_loop_per_worker(config: dict) -> None:
                         t["ece_after"], t["nll_before"], t["nll_after"])
         with tempfile.TemporaryDirectory() as tmp:
             _save_checkpoint(net, tokenizer, optimizer, scheduler, history, predictions, tmp, s)
+            # The checkpoint kept as the best (CheckpointConfig scores by it): an epoch that improved on every
+            # earlier one scores its number, the others 0; so the best is the earliest of equal macro-F1s.
+            improved = best_epoch(history["epochs"]) == len(history["epochs"]) - 1
             ray.train.report(
-                {k: v for k, v in metrics.items() if not isinstance(v, dict)},
+                {**{k: v for k, v in metrics.items() if not isinstance(v, dict)}, IMPROVED: epoch + 1 if improved else 0},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
+        stop = _gather(should_stop(history["epochs"], s.early_stopping_patience))[0]
+        if stop:
+            best = best_epoch(history["epochs"])
+            logger.info("stopping early after epoch %d: validation macro-F1 has not improved on epoch %d's %.4f for %d "
+                        "epochs (--early-stopping-patience)", epoch + 1, best + 1,
+                        history["epochs"][best]["val_macro_f1"], epoch - best)
 
 
 def _peak_rss_mb() -> float:
