@@ -164,7 +164,16 @@ def tiny_gpt2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained(ray_session, tiny_gpt2, s3_endpoint):
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (mlflowserver.py) for the session; its URL."""
+    from mlflowserver import mlflow_server as start
+
+    with start(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def trained(ray_session, tiny_gpt2, s3_endpoint, mlflow_server):
     """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it. Its base model is a
     GPT-2 (a decoder without a pad token: the family most unlike BERT); BERTs are trained end to end by
     test_long_texts.py and test_train.py's restart test, a RoBERTa by test_multitask.py."""
@@ -175,8 +184,10 @@ def trained(ray_session, tiny_gpt2, s3_endpoint):
     put_parquet(f"{prefix}/data/part-1.parquet", table.slice(600))
     output = f"{prefix}/run"
     args = ["--data", f"{prefix}/data/", "--output", output, "--model", tiny_gpt2, "--num-workers", 2,
-            "--epochs", 6, "--early-stopping-patience", 1, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32]
+            "--epochs", 6, "--early-stopping-patience", 1, "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32,
+            # Tracked in MLflow, and the model registered as sentiment version 1 (test_tracking.py).
+            "--mlflow-tracking-uri", mlflow_server, "--mlflow-experiment", "e2e", "--mlflow-register", "sentiment"]
     from textlabel.cli import train_main
 
     assert train_main([str(a) for a in args]) == 0
-    return {"output": output, "args": args, "rows": table.num_rows}
+    return {"output": output, "args": args, "rows": table.num_rows, "mlflow": mlflow_server}

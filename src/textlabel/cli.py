@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, TrainConfig, parse_config
+from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, PromoteConfig, TrainConfig, parse_config
 from textlabel.data import DataError
 from textlabel.lease import LeaseHeld
 from textlabel.model import ModelError
@@ -91,7 +91,25 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     return _run(_evaluate, argv)
 
 
-COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main, "evaluate": evaluate_main}
+def _promote(argv: list[str] | None) -> object:
+    cfg = parse_config(PromoteConfig, argv, "textlabel promote",
+                       "Register a trained model as a new version of an MLflow registered model (the labelling job "
+                       "then takes --model models:/NAME/VERSION or models:/NAME@ALIAS).")
+    from textlabel import tracking
+
+    found = tracking.promote(cfg.model, cfg.name, cfg.alias or [], cfg.mlflow_tracking_uri, cfg.mlflow_experiment)
+    print(found.describe(alias=False))
+    return found
+
+
+def promote_main(argv: list[str] | None = None) -> int:
+    """``textlabel promote`` / ``jobs/promote.py``: register a model; prints models:/NAME/VERSION; exit 0, 2 on
+    bad input, 1 on failure."""
+    return _run(_promote, argv)
+
+
+COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main, "evaluate": evaluate_main,
+                                                          "promote": promote_main}
 
 
 def main(argv: list[str] | None = None) -> int:

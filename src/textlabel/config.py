@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class TrainConfig(LongTextOptions):
     lora_alpha: float = _opt(16.0, "With --lora: the update is scaled by alpha / r.")
     lora_dropout: float = _opt(0.1, "With --lora: dropout on the adapters' input.")
     lora_target_modules: list[str] | None = _opt(None, "With --lora: the layers to adapt, by module name (repeatable). Default: the family's attention query and value projections (README, Model families).")
+    mlflow_tracking_uri: str | None = _opt(None, "Track the run in this MLflow server (default: MLFLOW_TRACKING_URI; neither: no tracking): settings, every epoch's metrics, the report and the model. Needs the mlflow extra.")
+    mlflow_experiment: str = _opt("textlabel", "With tracking: the MLflow experiment the run is logged in.")
+    mlflow_register: str | None = _opt(None, "With tracking: register the exported model as a new version of this registered model (models:/NAME/VERSION).")
 
     def validate(self) -> None:
         """Raise ConfigError listing every problem at once."""
@@ -93,6 +97,9 @@ class TrainConfig(LongTextOptions):
             problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "head_learning_rate",
                                      "cpus_per_worker"])
+        if self.mlflow_register and not (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            problems.append(f"--mlflow-register {self.mlflow_register} needs a tracking server: pass --mlflow-tracking-uri "
+                            "or set MLFLOW_TRACKING_URI")
         if self.early_stopping_patience < 0:
             problems.append(f"--early-stopping-patience must be >= 0 (0: never stop early), got {self.early_stopping_patience}")
         problems += self._long_text_problems()
@@ -225,7 +232,7 @@ class InferenceOptions(LongTextOptions):
 class LabelConfig(InferenceOptions):
     """Configuration of the labelling job (``jobs/label.py``)."""
 
-    model: str = _opt("", "Fine-tuned model directory (train's OUTPUT/model): local, file://, s3:// or a hub id.", True)
+    model: str = _opt("", "Fine-tuned model: a directory (train's OUTPUT/model: local, file:// or s3://), a hub id, or a registered MLflow model version, models:/NAME/VERSION or models:/NAME@ALIAS (resolved once, on the driver).", True)
     input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
     output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest/, _summary.json and, while a run lives, _lease.json. Rerunning labels only what is new.", True)
     label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
@@ -241,6 +248,7 @@ class LabelConfig(InferenceOptions):
     commit_every: int = _opt(500, "Records per manifest commit (a commit also happens every --commit-seconds).")
     commit_seconds: float = _opt(10.0, "Most seconds a finished file waits for its record to be committed.")
     min_score: dict | None = _opt(None, "Abstain below this calibrated score: a row whose top score is under it keeps its score but gets a null label (skip_reason low_confidence). A number for every class, or per class: CLASS=S,... (YAML: a mapping; '*' for the classes not named).")
+    mlflow_tracking_uri: str | None = _opt(None, "MLflow tracking server that resolves a models:/ --model (default: MLFLOW_TRACKING_URI).")
     max_drift: float = _opt(0.2, "Flag the night (exit 4, after its labels are committed) when the population stability index of its labels against the primary reference exceeds this: the model's training labels, else the last 7 nights.")
 
     def thresholds(self, labels: list[str]) -> np.ndarray | None:
@@ -292,6 +300,25 @@ class EvaluateConfig(InferenceOptions):
         problems = _missing_required(self) + self._inference_problems()
         if self.text_column == self.label_column:
             problems.append(f"--text-column and --label-column are both {self.text_column!r}")
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class PromoteConfig:
+    """Configuration of ``textlabel promote`` (``jobs/promote.py``)."""
+
+    model: str = _opt("", "Trained model directory (train's OUTPUT/model): local, file:// or s3://.", True)
+    name: str = _opt("", "Registered model to add a version to (created if new); label with models:/NAME/VERSION.", True)
+    alias: list[str] | None = _opt(None, "Point this alias at the new version (models:/NAME@ALIAS), e.g. champion.")
+    mlflow_tracking_uri: str | None = _opt(None, "MLflow tracking server with the model registry (default: MLFLOW_TRACKING_URI).")
+    mlflow_experiment: str = _opt("textlabel", "Experiment of the run that holds the model's files, when its training was not tracked.")
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = _missing_required(self)
+        if not (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+            problems.append("promote needs a tracking server: pass --mlflow-tracking-uri or set MLFLOW_TRACKING_URI")
         if problems:
             raise ConfigError(problems)
 

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from textlabel import data as data_lib
 from textlabel import lease as lease_lib
 from textlabel import model as model_lib
-from textlabel import drift, nights, plan, predict, storage, sweep
+from textlabel import drift, nights, plan, predict, storage, sweep, tracking
 from textlabel import pool as pool_lib
 from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
@@ -83,6 +83,7 @@ class Night:
     footers: dict[str, plan.Footer] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # input -> reason, found before labelling
     model_id: str = ""
+    registered: Any = None  # tracking.Registered: --model named a registered model version
     min_scores: list[list[float] | None] | None = None  # --min-score per task, one threshold a class
     added: list[str] = field(default_factory=list)
     previous: dict[str, FileRecord] = field(default_factory=dict)  # pending files' records before this run
@@ -184,6 +185,9 @@ def _plan(night: Night) -> None:
     model_lib.check_model_dir(cfg.model)
     model_lib.check(cfg.model, cfg.max_length)  # its architecture and positions, from config.json alone
     night.model_id = model_lib.identity(cfg.model)
+    if night.registered is not None:  # the registry's name for it, with its weights' fingerprints
+        weights = night.model_id.find(" [")
+        night.model_id = night.registered.describe(alias=False) + (night.model_id[weights:] if weights >= 0 else "")
     _check_manifest(night)
     night.min_scores = _thresholds(cfg)
     night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix, cfg.long().chunked)
@@ -318,8 +322,12 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     """
     start = time.perf_counter()
     run = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+    registered = None
+    if tracking.is_registered(cfg.model):  # models:/NAME/VERSION or @ALIAS: resolved once, here
+        registered = tracking.resolve(cfg.model, cfg.mlflow_tracking_uri)
+        cfg = dataclasses.replace(cfg, model=registered.source)
     src, root, listing = _listing(cfg)
-    night = Night(cfg, run, src, storage.resolve(cfg.output), root, listing)
+    night = Night(cfg, run, src, storage.resolve(cfg.output), root, listing, registered=registered)
     if cfg.lease:
         night.lease, night.taken_over = lease_lib.acquire(night.out, run, cfg.lease_seconds)
     night.tally.started_at, night.tally.taken_over = _now(), night.taken_over

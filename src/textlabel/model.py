@@ -51,6 +51,7 @@ def identity(model: str | None) -> str:
 
     Retrained weights under the same path get a new identity (S3 ETag, or size and mtime).
     """
+    model = _readable(model)
     if model is None:
         from importlib.metadata import version
 
@@ -87,6 +88,7 @@ def _remote_files(url: str) -> list:
 
 def check_model_dir(model: str | None) -> None:
     """Fail early (no download) when a local or s3:// --model is not a safetensors model directory."""
+    model = _readable(model)
     if model is None:
         return
     if storage.is_remote(model):
@@ -126,10 +128,45 @@ def _fetch_remote(url: str) -> str:
     return str(target)
 
 
+def _readable(model: str | None) -> str | None:
+    """A --model the driver can inspect: a registered model served by the MLflow server is fetched first."""
+    from textlabel import tracking
+
+    return local_model_dir(model) if tracking.served(model) else model
+
+
+def _fetch_served(source: str) -> str:
+    """A registered model version's artifact from the MLflow server, fetched once per node (a version's files
+    never change) into the cache."""
+    from textlabel import tracking
+
+    target = storage.cache_root() / "models" / ("mlflow-" + hashlib.sha256(source.encode()).hexdigest()[:16])
+    if (target / ".complete").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    tracking.fetch(source, str(tmp))
+    fetched = tmp / source.rstrip("/").rsplit("/", 1)[-1]  # MLflow downloads the folder into the target
+    if not (fetched / "config.json").is_file():
+        fetched = tmp
+    (fetched / ".complete").write_text(source)
+    try:
+        fetched.rename(target)
+    except OSError:  # another process on this node won the race: its copy is the same version
+        pass
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("fetched %s into %s", source, target)
+    return str(target)
+
+
 def local_model_dir(model: str | None) -> str:
     """A path or hub id that ``from_pretrained`` can load for a --model value."""
     if model is None:
         return packaged_model_dir()
+    from textlabel import tracking
+
+    if tracking.served(model):
+        return _fetch_served(model)
     if storage.is_remote(model):
         return _fetch_remote(model)
     local = model[len("file://"):] if model.startswith("file://") else model
@@ -153,6 +190,7 @@ def load_config(model_dir: str):
 
 def config_of(model: str | None):
     """A --model's config, read without fetching its weights (config.json alone for an s3:// model)."""
+    model = _readable(model)
     if model and storage.is_remote(model):
         from transformers import AutoConfig
 
@@ -166,6 +204,7 @@ def config_of(model: str | None):
 def check(model: str | None, max_length: int):
     """Fail before any expensive work when --model cannot classify inputs of ``max_length`` tokens; return its
     config."""
+    model = _readable(model)
     check_model_dir(model)  # a directory that is no model at all is named as such first
     config = config_of(model)
     found = family_lib.problems(config, max_length, describe(model))
@@ -270,6 +309,7 @@ class Task:
 def task_names(model: str | None) -> list[str | None]:
     """The tasks of a --model, from its textlabel_tasks.json alone (no weights are fetched): [None] for a
     plain Hugging Face classifier."""
+    model = _readable(model)
     if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
         found = storage.resolve(model).join(TASKS_FILE)
         if storage.exists(found):
@@ -279,6 +319,7 @@ def task_names(model: str | None) -> list[str | None]:
 
 def task_labels(model: str | None) -> list[Task]:
     """A --model's tasks with their labels, from its config files alone: a model on S3 is not fetched."""
+    model = _readable(model)
     if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
         loc = storage.resolve(model)
         if storage.exists(loc.join(TASKS_FILE)):
@@ -376,6 +417,7 @@ def temperatures(model_dir: str, tasks: int) -> list[float]:
 def training_labels(model: str | None) -> list[dict] | None:
     """The training label counts saved with a --model (name, labels, counts per task), read without fetching
     the weights; None for a model trained elsewhere."""
+    model = _readable(model)
     if model and (storage.is_remote(model) or os.path.isdir(model.removeprefix("file://"))):
         found = storage.resolve(model).join(TRAINING_LABELS_FILE)
         if storage.exists(found):

@@ -84,6 +84,7 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
     return {
         "run": night.run, "started_at": t.started_at, "finished_at": now(), "input": cfg.input, "output": cfg.output,
         "model": night.model_id, "relabel": cfg.relabel,
+        **({"registered_model": night.registered.record()} if night.registered is not None else {}),
         "files_found": night.listing.num_rows, "files_unchanged": sel.unchanged if sel else 0,
         "files_labelled": len(done), "files_adopted": len(t.adopted), "files_failed": len(failed),
         "failed": {r.input: r.error for r in sorted(failed, key=lambda r: r.input)[:LISTED]},

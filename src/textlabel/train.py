@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from textlabel import data as data_lib
 from textlabel import family as family_lib
 from textlabel import model as model_lib
-from textlabel import predict, storage
+from textlabel import predict, storage, tracking
 from textlabel.config import ConfigError, TrainConfig
 from textlabel.lora import ADAPTER_DIR
 from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resumption without changing the result
 # (the worker count and device change the global batch and the optimizer state's device).
-_RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures"}
+_RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_register"}
 
 
 @dataclasses.dataclass
@@ -166,7 +166,8 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: Prepared
     logger.info("%s holds an earlier run with the same settings: resuming it", cfg.output)
 
 
-def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) -> TorchTrainer:
+def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
+             run: tracking.Run | None = None) -> TorchTrainer:
     settings = LoopSettings(
         model=cfg.model, tasks=prepared.tasks, multitask=prepared.multitask, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
@@ -174,6 +175,7 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location) ->
         steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
         lora=cfg.lora_settings(), head_learning_rate=cfg.head_learning_rate,
         early_stopping_patience=cfg.early_stopping_patience,
+        mlflow={"tracking_uri": run.tracking_uri, "run_id": run.run_id} if run else None,
         label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
                       for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],
     )
@@ -327,9 +329,11 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
         model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,
         len(prepared.labels), cfg.num_workers,
     )
+    uri = tracking.tracking_uri(cfg.mlflow_tracking_uri)
+    run = tracking.start_run(uri, cfg.mlflow_experiment, out, dataclasses.asdict(cfg)) if uri else None
     if start_ray is not None:
         start_ray()
-    result = _trainer(cfg, prepared, out).fit()
+    result = _trainer(cfg, prepared, out, run).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
     history = _history(result.checkpoint)
@@ -357,8 +361,13 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
         "validation": history["epochs"][best - 1],  # the exported model's figures
         **history,
         "baseline_tfidf_logreg": baseline,
+        **({"mlflow": {"tracking_uri": run.tracking_uri, "experiment": run.experiment, "run_id": run.run_id,
+                       "model_uri": run.model_uri}} if run else {}),
     }
     storage.write_json(out.join("metrics.json"), metrics)
+    if run:  # after metrics.json: the run's outputs are kept even when the tracking server is gone by now
+        metrics["mlflow"] = tracking.finish_run(run, out, metrics, cfg.mlflow_register)
+        storage.write_json(out.join("metrics.json"), metrics)
     final = metrics["validation"]
     logger.info(
         "done: validation accuracy %.4f, macro-F1 %.4f at epoch %d (the model exported); temperature %s (ECE %s); model in %s",

@@ -60,6 +60,7 @@ class LoopSettings:
     lora: dict | None = None  # lora.LoraSettings as a dict: adapters instead of full fine-tuning
     head_learning_rate: float | None = None  # the new layers' peak rate (None: learning_rate)
     early_stopping_patience: int = 0  # epochs without a better validation macro-F1 before stopping (0: never)
+    mlflow: dict | None = None  # tracking_uri and run_id: rank 0 logs each epoch's metrics there
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -396,6 +397,10 @@ def train_loop_per_worker(config: dict) -> None:
                 t["name"]: sum(p[3][i][0] for p in per_worker) / max(sum(p[3][i][1] for p in per_worker), 1)
                 for i, t in enumerate(s.tasks)}
         history["epochs"].append(metrics)
+        if s.mlflow:
+            from textlabel import tracking
+
+            tracking.log_epoch(s.mlflow, metrics)
         logger.info(
             "epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f val_macro_f1=%.4f (%.1f samples/s per worker)%s",
             epoch + 1, s.epochs, metrics["train_loss"], metrics["val_loss"], metrics["val_accuracy"],
