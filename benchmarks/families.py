@@ -51,7 +51,7 @@ def run_family(family: str, work: Path) -> dict:
     base = tiny_model(family, work / "base", hidden=64, heads=4, intermediate=128)
     start = time.perf_counter()
     assert train_main(["--data", str(OUT / "train.parquet"), "--output", str(work / "run"), "--model", base, "--epochs", "3",
-                       "--learning-rate", "3e-3", "--batch-size", "16", "--max-length", "32"]) == 0
+                       "--learning-rate", "3e-3", "--head-learning-rate", "3e-3", "--early-stopping-patience", "0", "--batch-size", "16", "--max-length", "32"]) == 0
     metrics = json.loads((work / "run" / "metrics.json").read_text())
     model = str(work / "run" / "model")
     labelled = {}
@@ -88,6 +88,7 @@ def run_two_tasks(family: str, work: Path) -> dict:
     base = str(work / "base")
     assert train_main(["--data", str(OUT / "two_tasks.parquet"), "--output", str(work / "two-task-run"), "--model", base,
                        "--label-column", "sentiment", "--label-column", "topic", "--epochs", "4", "--learning-rate", "2e-3",
+                       "--head-learning-rate", "2e-3", "--early-stopping-patience", "0",
                        "--batch-size", "16", "--max-length", "32"]) == 0
     assert label_main(["--model", str(work / "two-task-run" / "model"), "--input", str(OUT / "two_task_corpus"), "--output",
                        str(work / "two-task-labels"), "--max-length", "32", "--max-drift", "1e9", "--quantize"]) == 0

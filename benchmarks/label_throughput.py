@@ -69,7 +69,7 @@ def ensure_model(model: str | None) -> str:
     # The demo's model: one epoch over the shipped 12,000-row sample (about 7 minutes on 2 cores).
     subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--data", str(SAMPLE / "sst2_train.tsv"),
                     "--validation-data", str(SAMPLE / "sst2_dev.tsv"), "--output", str(target),
-                    "--epochs", "1", "--learning-rate", "1e-4", "--max-length", "64"], check=True)
+                    "--epochs", "1", "--learning-rate", "1e-4", "--head-learning-rate", "1e-4", "--max-length", "64"], check=True)
     return str(target / "model")
 
 

@@ -57,6 +57,7 @@ def train(name: str, columns: list[str], epochs: int, lr: float) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     args = [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(OUT / "train.parquet"), "--validation-data",
             str(OUT / "val.parquet"), "--output", str(output), "--epochs", str(epochs), "--learning-rate", str(lr),
+            "--head-learning-rate", str(lr), "--early-stopping-patience", "0",
             "--max-length", "64", "--num-workers", "2"]
     for c in columns:
         args += ["--label-column", c]
