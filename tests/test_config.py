@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, TrainConfig, options_markdown, parse_config
+from textlabel.config import (ConfigError, EvaluateConfig, LabelConfig, PromoteConfig, SearchConfig, TrainConfig,
+                              options_markdown, parse_config)
 
 
 def parse(argv):
@@ -44,9 +45,10 @@ def test_help_documents_every_option(repo_root):
     assert "--config" in out and "Default: the packaged" in out
 
 
-@pytest.mark.parametrize("cls", [TrainConfig, LabelConfig, EvaluateConfig])
-def test_readme_documents_every_option(repo_root, cls):
-    assert options_markdown(cls) in (repo_root / "README.md").read_text()
+@pytest.mark.parametrize("cls, beyond", [(TrainConfig, None), (LabelConfig, None), (EvaluateConfig, None),
+                                         (SearchConfig, TrainConfig), (PromoteConfig, None)])
+def test_readme_documents_every_option(repo_root, cls, beyond):
+    assert options_markdown(cls, beyond) in (repo_root / "README.md").read_text()
 
 
 def test_label_pool_and_option_checks():

@@ -43,6 +43,7 @@ def long_model(ray_head, repo_root, tiny_model, s3_endpoint):
     model = f"{prefix}/run/model"
     submit(ray_head, repo_root, ["jobs/train.py", "--data", f"{prefix}/train.parquet", "--validation-data", f"{prefix}/val.parquet",
                                  "--output", f"{prefix}/run", "--model", tiny_model, "--epochs", "4", "--learning-rate", "3e-3",
+                                 "--head-learning-rate", "3e-3", "--early-stopping-patience", "0",
                                  "--batch-size", "16", "--long-texts", "chunk", *WINDOW])
     submit(ray_head, repo_root, ["jobs/label.py", "--model", model, "--input", f"{prefix}/val.parquet", "--output",
                                  f"{prefix}/val-labels", "--label-prefix", "pred_", "--long-texts", "chunk", *WINDOW])

@@ -30,7 +30,7 @@ def two_task(ray_session, wider_tiny_model):
     put_parquet(f"{prefix}/data/part-0.parquet", rows)
     args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", wider_tiny_model, "--label-column", "sentiment",
             "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
-            "--max-length", 32]
+            "--max-length", 32, "--head-learning-rate", 2e-3, "--early-stopping-patience", 0]
     assert train_main([str(a) for a in args]) == 0
     return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(resolve(f"{prefix}/run/metrics.json"))}
 

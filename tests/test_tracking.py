@@ -17,6 +17,20 @@ def _client(url: str):
     return MlflowClient(tracking_uri=url, registry_uri=url)
 
 
+def test_without_a_tracking_uri_mlflow_is_not_imported(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from textlabel import cli, label, search, train, tracking; "
+            "from textlabel.config import TrainConfig, LabelConfig; "
+            "cfg = TrainConfig(data='d', output='o'); cfg.validate(); "
+            "print(tracking.tracking_uri(cfg.mlflow_tracking_uri), tracking.is_registered('s3://b/model'), "
+            "'mlflow' in sys.modules)")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["None", "False", "False"]
+
+
 def test_epoch_metrics_flatten_every_number_and_each_task_s_figures():
     epoch = {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.9, "val_rows": 10, "peak_rss_mb_per_worker": [1.0, 2.0],
              "val_per_class": {"a": {"f1": 1.0}}, "stopped": True,

@@ -170,7 +170,7 @@ def test_killed_worker_restarts_a_lora_run_from_its_adapter_and_the_merged_model
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(output, killed))
     killer.start()
     code = _train(["--data", data, "--output", output, "--model", tiny_llama, "--lora", "--epochs", 5,
-                   "--learning-rate", 3e-3, "--batch-size", 16, "--max-length", 32])
+                   "--learning-rate", 3e-3, "--head-learning-rate", 3e-3, "--early-stopping-patience", 0, "--batch-size", 16, "--max-length", 32])
     killer.join()
     assert killed, "no training worker was found to kill"
     assert code == 0

@@ -7,7 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
-from textlabel.config import ConfigError, EvaluateConfig, LabelConfig, PromoteConfig, TrainConfig, parse_config
+from textlabel.config import (ConfigError, EvaluateConfig, LabelConfig, PromoteConfig, SearchConfig, TrainConfig,
+                              parse_config)
 from textlabel.data import DataError
 from textlabel.lease import LeaseHeld
 from textlabel.model import ModelError
@@ -64,6 +65,20 @@ def train_main(argv: list[str] | None = None) -> int:
     return _run(_train, argv)
 
 
+def _tune(argv: list[str] | None) -> object:
+    cfg = parse_config(SearchConfig, argv, "textlabel tune",
+                       "Search training settings with Ray Tune: N training runs, ASHA stopping bad ones early, the best "
+                       "exported to OUTPUT/best/model.")
+    from textlabel.search import run_search
+
+    return run_search(cfg, start_ray=init_ray)  # after the data, the model and the search space are checked
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """``jobs/tune.py``: search; exit 0 when the best trial is exported, 2 on bad input, 1 on failure."""
+    return _run(_tune, argv)
+
+
 def _label(argv: list[str] | None) -> object:
     cfg = parse_config(LabelConfig, argv, "textlabel label", "Label Parquet corpora with a fine-tuned classifier, on Ray Data.")
     from textlabel.label import run_labelling
@@ -109,7 +124,7 @@ def promote_main(argv: list[str] | None = None) -> int:
 
 
 COMMANDS: dict[str, Callable[[list[str] | None], int]] = {"train": train_main, "label": label_main, "evaluate": evaluate_main,
-                                                          "promote": promote_main}
+                                                          "promote": promote_main, "tune": tune_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,11 +69,11 @@ class TrainConfig(LongTextOptions):
     num_workers: int = _opt(2, "Ray Train workers (one GPU each with --use-gpu).")
     use_gpu: bool = _opt(False, "Train on GPUs (one per worker), with bf16 autocast.")
     cpus_per_worker: float = _opt(1.0, "CPUs reserved per training worker.")
-    epochs: int = _opt(3, "Most passes over the training rows (early stopping may end the run sooner); the model exported is the best epoch's.")
+    epochs: int = _opt(5, "Most passes over the training rows (early stopping may end the run sooner); the model exported is the best epoch's.")
     batch_size: int = _opt(32, "Rows per optimizer step, per worker.")
-    learning_rate: float = _opt(5e-5, "Peak AdamW learning rate of the pretrained weights (linear warmup, then linear decay).")
+    learning_rate: float = _opt(1e-4, "Peak AdamW learning rate of the pretrained weights (linear warmup, then linear decay).")
     head_learning_rate: float = _opt(1e-3, "Peak learning rate of the layers the base model did not have (the classification heads, a missing pooler), on the same schedule: a fresh head learns from nothing, the encoder only adjusts.")
-    early_stopping_patience: int = _opt(2, "Stop when validation macro-F1 has not improved for this many epochs (0: run every --epochs).")
+    early_stopping_patience: int = _opt(1, "Stop when validation macro-F1 has not improved for this many epochs (0: run every --epochs).")
     warmup_ratio: float = _opt(0.1, "Share of all steps spent warming the learning rate up.")
     weight_decay: float = _opt(0.01, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping norm.")
@@ -165,6 +165,43 @@ class TrainConfig(LongTextOptions):
             if not column:
                 raise ValueError(f"--tasks {t!r}: no column")
         return tasks
+
+
+@dataclass
+class SearchConfig(TrainConfig):
+    """Configuration of the hyperparameter search (``jobs/tune.py``): every training option, plus the search's."""
+
+    num_samples: int = _opt(4, "Trials: training runs with settings drawn from the search space (each point of a grid is run this many times).")
+    max_concurrent_trials: int | None = _opt(None, "Trials at once. Default: as many as the cluster fits, each holding --num-workers workers (a GPU each with --use-gpu, else --cpus-per-worker CPUs).")
+    search_space: str | None = _opt(None, "YAML of option: {distribution: [arguments]} (loguniform, uniform, randint: [low, high]; choice, grid: [values]). Default: learning rate and head learning rate log-uniform, batch size, warmup and weight decay (README, Search).")
+    grace_period: int = _opt(1, "ASHA: epochs every trial runs before it may be stopped.")
+    reduction_factor: float = _opt(2.0, "ASHA: after each rung of epochs, only the best 1/this of the trials continue.")
+
+    def validate(self) -> None:
+        """Raise ConfigError listing every problem at once."""
+        problems = []
+        try:
+            super().validate()
+        except ConfigError as exc:
+            problems = exc.problems
+        problems += _positive(self, ["num_samples", "grace_period"])
+        if self.reduction_factor <= 1:
+            problems.append(f"--reduction-factor must be > 1, got {self.reduction_factor}")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            problems.append(f"--max-concurrent-trials must be >= 1, got {self.max_concurrent_trials}")
+        if self.search_space is not None:
+            from textlabel.search import load_space
+
+            try:
+                load_space(self.search_space)
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(problems)
+
+    def train_config(self) -> TrainConfig:
+        """The training options alone (what every trial starts from)."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 @dataclass
@@ -441,10 +478,12 @@ def parse_config(cls: type[C], argv: list[str] | None, prog: str, description: s
     return cfg
 
 
-def options_markdown(cls: type) -> str:
-    """The README's option table for a job config (a test keeps the README in step)."""
+def options_markdown(cls: type, beyond: type | None = None) -> str:
+    """The README's option table for a job config (a test keeps the README in step); ``beyond``: only the options
+    ``cls`` adds to that config."""
     lines = ["| option | default | meaning |", "| --- | --- | --- |"]
-    for f in _fields(cls):
+    inherited = {f.name for f in dataclasses.fields(beyond)} if beyond else set()
+    for f in (f for f in _fields(cls) if f.name not in inherited):
         default = "required" if f.metadata.get("required") else ("" if f.default is None else f"`{f.default}`")
         lines.append(f"| `--{f.name.replace('_', '-')}` | {default} | {f.metadata['help']} |")
     return "\n".join(lines)

@@ -348,6 +348,17 @@ def exists(loc: Location) -> bool:
     return info(loc).type != pafs.FileType.NotFound
 
 
+def copy_tree(src: Location, dst: Location) -> int:
+    """Copy every file under ``src`` (subfolders too) to the same relative paths under ``dst``; returns how many."""
+    copied = 0
+    for f in src.fs.get_file_info(pafs.FileSelector(src.path, recursive=True)):
+        if f.type == pafs.FileType.File:
+            with src.fs.open_input_stream(f.path) as data:
+                write_bytes(dst.join(*f.path[len(src.path):].strip("/").split("/")), data.read())
+            copied += 1
+    return copied
+
+
 def copy_dir(src: Location, dst: Location, suffixes: tuple[str, ...] | None = None,
              exclude: tuple[str, ...] = ()) -> list[str]:
     """Copy the files directly in ``src`` to ``dst`` (optionally only some suffixes, less some names)."""

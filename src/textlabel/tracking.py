@@ -150,7 +150,7 @@ def finish_run(run: Run, out: storage.Location, metrics: dict[str, Any], registe
                      + [Metric("best_epoch", float(metrics["best_epoch"]), now, 0)])
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("model", "report"):
-            storage.copy_dir(out.join(name), storage.resolve(os.path.join(tmp, name)))
+            storage.copy_tree(out.join(name), storage.resolve(os.path.join(tmp, name)))
             client.log_artifacts(run.run_id, os.path.join(tmp, name), name)
     labels = {"labels": metrics["labels"], **({"tasks": metrics["tasks"]} if "tasks" in metrics else {})}
     client.log_dict(run.run_id, labels, f"{MODEL_ARTIFACT}/label_map.json")

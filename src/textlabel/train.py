@@ -167,7 +167,7 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: Prepared
 
 
 def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
-             run: tracking.Run | None = None) -> TorchTrainer:
+             run: tracking.Run | None = None, callbacks: list | None = None) -> TorchTrainer:
     settings = LoopSettings(
         model=cfg.model, tasks=prepared.tasks, multitask=prepared.multitask, epochs=cfg.epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
@@ -187,7 +187,7 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
         train_loop_config=settings_dict(settings),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name="checkpoints", storage_path=out.path, storage_filesystem=out.fs,
+            name="checkpoints", storage_path=out.path, storage_filesystem=out.fs, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             # The best epoch's checkpoint (what is exported) and the latest (what a restart resumes from).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=IMPROVED,
@@ -316,9 +316,11 @@ def check_model(cfg: TrainConfig) -> family_lib.Family:
     return family_lib.of(config)
 
 
-def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
+                 callbacks: list | None = None) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says; returns what metrics.json holds. ``start_ray`` joins or starts Ray once the
-    data and the model have been checked (bad input fails in seconds, without Ray)."""
+    data and the model have been checked (bad input fails in seconds, without Ray). ``callbacks``: Ray Train
+    callbacks (a search's trial reports to Tune with one)."""
     start = time.perf_counter()
     out = storage.resolve(cfg.output)
     family = check_model(cfg)
@@ -333,7 +335,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None) 
     run = tracking.start_run(uri, cfg.mlflow_experiment, out, dataclasses.asdict(cfg)) if uri else None
     if start_ray is not None:
         start_ray()
-    result = _trainer(cfg, prepared, out, run).fit()
+    result = _trainer(cfg, prepared, out, run, callbacks).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the Ray Train log above")
     history = _history(result.checkpoint)
