@@ -70,7 +70,7 @@ def parse_label(argv):
     return parse_config(LabelConfig, argv, "textlabel label", "test")
 
 
-@pytest.mark.parametrize("command", ["train", "label", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "label", "evaluate", "tune", "promote"])
 def test_console_script_runs_each_job(command):
     from pathlib import Path
 
@@ -84,6 +84,16 @@ def test_console_script_runs_each_job(command):
 def test_every_shipped_config_loads(repo_root, name, cls):
     cfg = parse_config(cls, ["--config", str(repo_root / "jobs/configs" / name)], "t", "t")
     assert cfg.use_gpu
+
+
+def test_the_shipped_search_space_loads_with_the_shipped_training_config(repo_root):
+    configs = repo_root / "jobs" / "configs"
+    cfg = parse_config(SearchConfig, ["--config", str(configs / "train.yaml"), "--search-space",
+                                      str(configs / "search-space.yaml"), "--num-samples", "16"], "t", "t")
+    from textlabel.search import load_space
+
+    assert cfg.num_samples == 16 and set(load_space(cfg.search_space)) == {
+        "learning_rate", "head_learning_rate", "batch_size", "warmup_ratio", "max_length"}
 
 
 def test_lora_options():

@@ -116,8 +116,10 @@ def _trial(drawn: dict[str, Any], base: dict[str, Any], output: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from textlabel.cli import setup_logging
     from textlabel.train import run_training
 
+    setup_logging()  # the trial's own process: its driver-side lines (data read, export) reach the job's log
     trial = tune.get_context().get_trial_id()
     cfg = trial_config(TrainConfig(**base), drawn, f"{output.rstrip('/')}/trials/{trial}")
     run_training(cfg, callbacks=[TuneReportCallback()])
