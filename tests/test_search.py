@@ -69,19 +69,32 @@ def test_search_options_are_checked_with_the_training_ones(tmp_path):
     assert "--batch-size must be > 0" in text and "'model' cannot be searched" in text
 
 
+def _learning(trial: Path) -> bool:
+    """A trial with the rate that learns (ASHA never stops it), as its run_config.json records."""
+    import json
+
+    try:
+        return json.loads((trial / "run_config.json").read_text())["config"]["learning_rate"] == 3e-3
+    except (OSError, ValueError):
+        return False
+
+
 def _kill_driver(output: str, trials: Path, timeout: float = 300) -> Path:
-    """Wait for the event, a trial's first checkpoint recorded (Ray Train's snapshot under its output), then SIGKILL
-    the search's driver: the one process whose command line is jobs/tune.py with this test's --output. Returns the
-    trial's output."""
+    """Wait for the event, the first checkpoint of a trial that learns recorded (Ray Train's snapshot under its
+    output), then SIGKILL the search's driver: the one process whose command line is jobs/tune.py with this test's
+    --output. Returns that trial's output."""
     deadline = time.monotonic() + timeout
-    while not (trials.is_dir() and any(trials.glob("*/checkpoints/checkpoint_manager_snapshot.json"))):
+    while True:
+        found = [s.parents[1] for s in trials.glob("*/checkpoints/checkpoint_manager_snapshot.json") if _learning(s.parents[1])]
+        if found:
+            break
         assert time.monotonic() < deadline, "no trial recorded a checkpoint"
         time.sleep(0.05)
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         if any(a.endswith("jobs/tune.py") for a in cmd) and output in cmd:
             os.kill(p.pid, signal.SIGKILL)
-            return next(trials.glob("*/checkpoints/checkpoint_manager_snapshot.json")).parents[1]
+            return found[0]
     raise AssertionError("the search's driver was not found")
 
 
@@ -91,15 +104,16 @@ def test_a_search_stops_bad_trials_exports_the_best_and_resumes_after_its_driver
     training run's, and a killed search resumes where it was instead of starting over."""
     from transformers import pipeline
 
-    rows = easy_rows(1200, seed=41)
-    pq.write_table(rows.slice(0, 960), tmp_path / "train.parquet")
-    pq.write_table(rows.slice(960), tmp_path / "val.parquet")
+    # Epochs of a few seconds: ASHA's stop of a bad trial after its first epoch lands while it trains its second.
+    rows = easy_rows(6000, seed=41)
+    pq.write_table(rows.slice(0, 5000), tmp_path / "train.parquet")
+    pq.write_table(rows.slice(5000), tmp_path / "val.parquet")
     space = tmp_path / "space.yaml"  # a rate that learns and one that cannot, twice each, in this order
     space.write_text("learning_rate: {grid: [3.0e-3, 1.0e-7]}\nhead_learning_rate: {grid: [3.0e-3]}\n")
     output = str(tmp_path / "search")
     args = ["jobs/tune.py", "--data", str(tmp_path / "train.parquet"), "--validation-data", str(tmp_path / "val.parquet"),
-            "--output", output, "--model", tiny_gpt2, "--num-samples", "2", "--epochs", "2", "--search-space", str(space),
-            "--max-concurrent-trials", "1", "--batch-size", "16", "--max-length", "32"]
+            "--output", output, "--model", tiny_gpt2, "--num-samples", "2", "--epochs", "3", "--search-space", str(space),
+            "--num-workers", "1", "--max-concurrent-trials", "2", "--batch-size", "16", "--max-length", "32"]
     submit(ray_head, repo_root, args, wait=False)
     # The event: the first trial's first checkpoint is recorded. The search's driver dies there, mid-trial.
     first = _kill_driver(output, tmp_path / "search" / "trials")
@@ -108,15 +122,15 @@ def test_a_search_stops_bad_trials_exports_the_best_and_resumes_after_its_driver
     table = pq.read_table(tmp_path / "search" / "trials.parquet").to_pylist()
     assert len(table) == 4
     status = {r["trial_id"]: r["status"] for r in table}
-    assert sorted(status.values()).count("completed") >= 2 and "stopped early (ASHA)" in status.values(), status
-    for r in table:  # the rate that cannot learn is the one stopped; every trial that learned ran both epochs
-        assert (r["status"] == "completed") == (r["learning_rate"] == 3e-3), r
+    assert "stopped early (ASHA)" in status.values(), status
+    for r in table:  # only the rate that cannot learn is stopped (two trials run at once: which of them, varies)
+        assert r["status"] == "completed" if r["learning_rate"] == 3e-3 else r["status"] != "errored", r
     killed = (first / "metrics.json")
     assert killed.exists(), "the interrupted trial did not finish"
     import json
 
     resumed = json.loads(killed.read_text())
-    assert resumed["resumed_at_epochs"] == [1] and [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert resumed["resumed_at_epochs"] == [1] and [e["epoch"] for e in resumed["epochs"]][:2] == [1, 2]
     # The best trial's model, exported like a training run's, scores what its trial reported.
     summary = json.loads((tmp_path / "search" / "search.json").read_text())
     best = next(r for r in table if r["trial_id"] == summary["best"]["trial_id"])
@@ -124,7 +138,7 @@ def test_a_search_stops_bad_trials_exports_the_best_and_resumes_after_its_driver
     model = tmp_path / "search" / "best" / "model"
     assert {"config.json", "model.safetensors", "textlabel_calibration.json"} <= {p.name for p in model.iterdir()}
     assert (tmp_path / "search" / "best" / "report" / "report.md").exists()
-    val = rows.slice(960)
+    val = rows.slice(5000)
     predicted = [p["label"] for p in pipeline("text-classification", model=str(model), device="cpu")(
         val["text"].to_pylist(), batch_size=64)]
     accuracy = float(np.mean(np.array(predicted) == np.array(val["label"].to_pylist())))

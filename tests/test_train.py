@@ -82,6 +82,13 @@ def test_rerun_resumes_instead_of_starting_over(trained, caplog):
     assert "holds an earlier run with the same settings: resuming it" in caplog.text
     assert after["epochs"] == before["epochs"]  # the finished epochs were not trained again
     assert after["wall_seconds"] < before["wall_seconds"]
+    # The MLflow run continues: the same run, finished again, and still the only one of this output.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=trained["mlflow"])
+    assert after["mlflow"]["run_id"] == before["mlflow"]["run_id"]
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    assert [r.info.run_id for r in runs] == [before["mlflow"]["run_id"]] and runs[0].info.status == "FINISHED"
 
 
 def test_rerun_with_other_settings_is_refused(trained, caplog):

@@ -233,8 +233,11 @@ def summarize(space: dict[str, Any], results, out: storage.Location) -> dict[str
         finished = storage.exists(metrics_file)
         metrics = storage.read_json(metrics_file) if finished else None
         curve = result.metrics_dataframe
-        epochs = curve["epoch"].tolist() if curve is not None and "epoch" in curve else []
-        f1s = curve[METRIC].tolist() if curve is not None and METRIC in curve else []
+        if metrics:  # a finished trial's own record of every epoch (a resumed trial's too)
+            epochs, f1s = [e["epoch"] for e in metrics["epochs"]], [e[METRIC] for e in metrics["epochs"]]
+        else:
+            epochs = curve["epoch"].tolist() if curve is not None and "epoch" in curve else []
+            f1s = curve[METRIC].tolist() if curve is not None and METRIC in curve else []
         status = ("errored" if result.error else "completed" if finished else "stopped early (ASHA)")
         best = metrics["validation"] if metrics else (
             {METRIC: max(f1s), "val_accuracy": curve["val_accuracy"].tolist()[f1s.index(max(f1s))]} if f1s else {})

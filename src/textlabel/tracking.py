@@ -158,8 +158,10 @@ def finish_run(run: Run, out: storage.Location, metrics: dict[str, Any], registe
     client.set_terminated(run.run_id, "FINISHED")
     record: dict[str, Any] = {"tracking_uri": run.tracking_uri, "experiment": run.experiment, "run_id": run.run_id,
                               "model_uri": run.model_uri}
-    if register:
-        version = register_version(client, register, run.model_uri, run.run_id)
+    if register:  # once per run: a resumed run that registered already keeps its version
+        earlier = client.search_model_versions(f"name='{register}' and run_id='{run.run_id}'")
+        version = (str(max(int(v.version) for v in earlier)) if earlier
+                   else register_version(client, register, run.model_uri, run.run_id))
         record["registered"] = {"name": register, "version": version}
     return record
 
