@@ -31,6 +31,25 @@ def test_without_a_tracking_uri_mlflow_is_not_imported(tmp_path):
     assert out.split() == ["None", "False", "False"]
 
 
+def test_an_unreachable_tracking_server_fails_before_ray_starts(tiny_gpt2, tmp_path, caplog):
+    from textlabel.cli import train_main
+    from textlabel.train import run_training
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(easy_rows(40, seed=5), tmp_path / "d.parquet")
+    args = ["--data", str(tmp_path / "d.parquet"), "--output", str(tmp_path / "o"), "--model", tiny_gpt2,
+            "--mlflow-tracking-uri", "http://127.0.0.1:9"]  # the discard port: nothing listens
+    assert train_main(args) == 2
+    assert "--mlflow-tracking-uri http://127.0.0.1:9: the tracking server does not answer" in caplog.text
+    from textlabel.config import TrainConfig, parse_config
+
+    started: list[bool] = []
+    with pytest.raises(ConfigError):
+        run_training(parse_config(TrainConfig, args, "t", "t"), start_ray=lambda: started.append(True))
+    assert not started and not (tmp_path / "o" / "model").exists()
+
+
 def test_epoch_metrics_flatten_every_number_and_each_task_s_figures():
     epoch = {"epoch": 2, "train_loss": 0.5, "val_accuracy": 0.9, "val_rows": 10, "peak_rss_mb_per_worker": [1.0, 2.0],
              "val_per_class": {"a": {"f1": 1.0}}, "stopped": True,
