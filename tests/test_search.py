@@ -104,7 +104,9 @@ def test_a_search_stops_bad_trials_exports_the_best_and_resumes_after_its_driver
     training run's, and a killed search resumes where it was instead of starting over."""
     from transformers import pipeline
 
-    # Epochs of a few seconds: ASHA's stop of a bad trial after its first epoch lands while it trains its second.
+    # Epochs of a few seconds, and 4 of them at most: ASHA's stop of a bad trial after its first epoch lands while it
+    # trains the next three (and there is a second rung, at epoch 2). The trials that learn stop on their own
+    # patience once their macro-F1 stops improving.
     rows = easy_rows(6000, seed=41)
     pq.write_table(rows.slice(0, 5000), tmp_path / "train.parquet")
     pq.write_table(rows.slice(5000), tmp_path / "val.parquet")
@@ -112,7 +114,7 @@ def test_a_search_stops_bad_trials_exports_the_best_and_resumes_after_its_driver
     space.write_text("learning_rate: {grid: [3.0e-3, 1.0e-7]}\nhead_learning_rate: {grid: [3.0e-3]}\n")
     output = str(tmp_path / "search")
     args = ["jobs/tune.py", "--data", str(tmp_path / "train.parquet"), "--validation-data", str(tmp_path / "val.parquet"),
-            "--output", output, "--model", tiny_gpt2, "--num-samples", "2", "--epochs", "3", "--search-space", str(space),
+            "--output", output, "--model", tiny_gpt2, "--num-samples", "2", "--epochs", "4", "--search-space", str(space),
             "--num-workers", "1", "--max-concurrent-trials", "2", "--batch-size", "16", "--max-length", "32"]
     submit(ray_head, repo_root, args, wait=False)
     # The event: the first trial's first checkpoint is recorded. The search's driver dies there, mid-trial.
