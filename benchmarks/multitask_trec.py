@@ -52,29 +52,38 @@ def split(table: pa.Table, seed: int = 0) -> tuple[pa.Table, pa.Table]:
     return table.take(sorted(train_idx)), table.take(sorted(val_idx))
 
 
-def train(name: str, columns: list[str], epochs: int, lr: float) -> dict:
-    output = OUT / name
+def run_train(output: Path, data: Path, validation: Path, columns: list[str], extra: list[str]) -> dict:
+    """jobs/train.py on 2 workers, one --label-column per task; its metrics.json with, for the exported model, each
+    task's accuracy and macro-F1 and the TF-IDF baseline's (rounded), and the job's wall time."""
     shutil.rmtree(output, ignore_errors=True)
-    args = [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(OUT / "train.parquet"), "--validation-data",
-            str(OUT / "val.parquet"), "--output", str(output), "--epochs", str(epochs), "--learning-rate", str(lr),
-            "--head-learning-rate", str(lr), "--early-stopping-patience", "0",
-            "--max-length", "64", "--num-workers", "2"]
+    args = [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(data), "--validation-data", str(validation),
+            "--output", str(output), "--num-workers", "2", *extra]
     for c in columns:
         args += ["--label-column", c]
     start = time.perf_counter()
     subprocess.run(args, check=True)
     seconds = time.perf_counter() - start
     metrics = json.loads((output / "metrics.json").read_text())
-    final = metrics["epochs"][-1]
-    tasks = final.get("val_tasks") or {columns[0]: {"accuracy": final["val_accuracy"], "macro_f1": final["val_macro_f1"]}}
+    best = metrics["validation"]
+    tasks = best.get("val_tasks") or {columns[0]: {"accuracy": best["val_accuracy"], "macro_f1": best["val_macro_f1"]}}
     baseline = metrics["baseline_tfidf_logreg"]
     baseline = baseline if len(columns) > 1 else {columns[0]: baseline}
+    return {"metrics": metrics, "job_seconds": round(seconds, 1),
+            "tasks": {t: {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)} for t, m in tasks.items()},
+            "tfidf": {t: {"accuracy": round(b["accuracy"], 4), "macro_f1": round(b["macro_f1"], 4)} for t, b in baseline.items()}}
+
+
+def train(name: str, columns: list[str], epochs: int, lr: float) -> dict:
+    output = OUT / name
+    run = run_train(output, OUT / "train.parquet", OUT / "val.parquet", columns,
+                    ["--epochs", str(epochs), "--learning-rate", str(lr), "--head-learning-rate", str(lr),
+                     "--early-stopping-patience", "0", "--max-length", "64"])
+    metrics = run["metrics"]
     return {
-        "tasks": {t: {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)} for t, m in tasks.items()},
-        "tfidf": {t: {"accuracy": round(b["accuracy"], 4), "macro_f1": round(b["macro_f1"], 4)} for t, b in baseline.items()},
+        "tasks": run["tasks"], "tfidf": run["tfidf"],
         "train_seconds": round(sum(e["train_seconds"] for e in metrics["epochs"]), 1),
-        "job_seconds": round(seconds, 1),
-        "samples_per_second_per_worker": round(final["samples_per_second_per_worker"], 1),
+        "job_seconds": run["job_seconds"],
+        "samples_per_second_per_worker": round(metrics["validation"]["samples_per_second_per_worker"], 1),
         "model": str(output / "model"),
     }
 

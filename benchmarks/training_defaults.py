@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
-import sys
-import time
 from importlib import resources
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from lora import _tsv
-from multitask_trec import read_trec, split
+from multitask_trec import read_trec, run_train, split
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "training_defaults"
@@ -38,28 +34,14 @@ SETTINGS = {"before": ["--learning-rate", "5e-5", "--head-learning-rate", "5e-5"
 
 
 def train(name: str, data: Path, validation: Path, columns: list[str], extra: list[str]) -> dict:
-    output = OUT / name
-    shutil.rmtree(output, ignore_errors=True)
-    args = [sys.executable, str(ROOT / "jobs/train.py"), "--data", str(data), "--validation-data", str(validation),
-            "--output", str(output), "--num-workers", "2", *extra]
-    for c in columns:
-        args += ["--label-column", c]
-    start = time.perf_counter()
-    subprocess.run(args, check=True)
-    seconds = time.perf_counter() - start
-    metrics = json.loads((output / "metrics.json").read_text())
-    best = metrics["validation"]
-    tasks = best.get("val_tasks") or {columns[0]: {"accuracy": best["val_accuracy"], "macro_f1": best["val_macro_f1"]}}
-    baseline = metrics["baseline_tfidf_logreg"]
-    baseline = baseline if len(columns) > 1 else {columns[0]: baseline}
+    run = run_train(OUT / name, data, validation, columns, extra)
+    metrics = run["metrics"]
     return {
-        "settings": extra or "defaults",
-        "tasks": {t: {"accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4)} for t, m in tasks.items()},
-        "tfidf": {t: {"accuracy": round(b["accuracy"], 4), "macro_f1": round(b["macro_f1"], 4)} for t, b in baseline.items()},
+        "settings": extra or "defaults", "tasks": run["tasks"], "tfidf": run["tfidf"],
         "epochs_run": len(metrics["epochs"]), "best_epoch": metrics["best_epoch"],
         "per_epoch_macro_f1": {t: [round(e["val_tasks"][t]["macro_f1"] if "val_tasks" in e else e["val_macro_f1"], 4)
-                                   for e in metrics["epochs"]] for t in tasks},
-        "job_seconds": round(seconds, 1),
+                                   for e in metrics["epochs"]] for t in run["tasks"]},
+        "job_seconds": run["job_seconds"],
     }
 
 

@@ -223,7 +223,10 @@ def _grid_size(space: dict[str, dict[str, list]]) -> int:
 
 def summarize(space: dict[str, Any], results, out: storage.Location) -> dict[str, Any]:
     """trials.parquet, search.png and OUTPUT/best/ from a finished search."""
+    import io
+
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     rows = []
     for result in results:
@@ -253,10 +256,6 @@ def summarize(space: dict[str, Any], results, out: storage.Location) -> dict[str
     rows.sort(key=lambda r: r["trial_id"])
     table = pa.Table.from_pylist([{k: (str(v) if k in space and isinstance(v, list) else v) for k, v in r.items()}
                                   for r in rows])
-    import io
-
-    import pyarrow.parquet as pq
-
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(out.join("trials.parquet"), buffer.getvalue())
