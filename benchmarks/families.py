@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/families.py --only gpt2 llama
 
 For each family a tiny random model (2 layers, 64 wide; its tokenizer a byte-level BPE, WordPiece,
-unigram or SentencePiece-style BPE trained on the shipped SST-2 sample: tests/families.py) is
+unigram or SentencePiece-style BPE trained on the shipped SST-2 sample: textlabel.scratch) is
 fine-tuned by jobs/train.py with 2 Ray Train workers for 3 epochs on 1,200 rows of the test
 suite's easy sentiment task (one polar word among filler: a random tiny model cannot learn SST-2
 itself in minutes, and a model that predicts one class makes every agreement below trivial);
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -36,14 +35,13 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out" / "families"
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny family builders live with the tests
 
 
 def run_family(family: str, work: Path) -> dict:
     import pyarrow.dataset as pads
     from transformers import pipeline
 
-    from families import tiny_model
+    from textlabel.scratch import tiny_model
     from textlabel import storage
     from textlabel.cli import evaluate_main, label_main, train_main
 
@@ -100,7 +98,7 @@ def run_two_tasks(family: str, work: Path) -> dict:
 
 
 def main() -> None:
-    from families import FAMILIES
+    from textlabel.scratch import FAMILIES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=FAMILIES)
@@ -110,7 +108,7 @@ def main() -> None:
     from textlabel.cli import setup_logging
 
     setup_logging()
-    from conftest import easy_rows, two_task_rows
+    from textlabel.scratch import easy_rows, two_task_rows
 
     OUT.mkdir(parents=True, exist_ok=True)
     pq.write_table(easy_rows(1200, seed=1), OUT / "train.parquet")

@@ -9,7 +9,7 @@
     files plus 1,000 new ones; in a fresh process: load the manifest, plan the night, commit
     the 1,000 new records and finish (merge or compact). Time of each step and the process's
     peak memory (ru_maxrss).
-(b) a no-op night over real files on S3 (moto's server on loopback, behind a counting proxy):
+(b) a no-op night over real files on S3 (moto's server on loopback, each request counted):
     every file labelled once (tiny model), then `jobs/label.py` run again as cron runs it, a
     fresh process: wall time and S3 requests, for 1,000 and 20,000 files.
 (c) small files: the same 100,000 SST-2 rows as 5,000 files of 20 rows and as 2 files of
@@ -29,7 +29,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny BERT and S3 proxy (here counting and delaying requests)
 NEW = 1000
 
 
@@ -152,7 +153,24 @@ def _put_files(prefix: str, count: int, rows: int, texts: list[str] | None = Non
         list(pool.map(put, range(count)))
 
 
-def _job(args: list[str], proxy) -> dict:
+class Requests:
+    """The S3 server's requests, counted by method, each delayed by ``delay`` seconds (a far-away store)."""
+
+    def __init__(self) -> None:
+        self.by_method: Counter = Counter()
+        self.requests = 0
+        self.delay = 0.0
+        self._lock = threading.Lock()  # the server answers each request on its own thread
+
+    def seen(self, method: str) -> None:
+        with self._lock:
+            self.requests += 1
+            self.by_method[method] += 1
+        if self.delay:
+            time.sleep(self.delay)
+
+
+def _job(args: list[str], proxy: Requests) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each run starts its own local Ray
     before, methods = proxy.requests, dict(proxy.by_method)
     start = time.perf_counter()
@@ -251,18 +269,16 @@ def main() -> None:
     if "a" in args.parts:
         figures["a_control_plane"] = part_a(args.sizes)
     if set(args.parts) & {"b", "c", "d"}:
-        from faultproxy import FaultProxy
-        from tinybert import tiny_bert
+        from textlabel.demo import local_s3
+        from textlabel.scratch import packaged_bert
 
-        from textlabel.s3server import local_s3
-
-        with local_s3(buckets=("bench",)) as endpoint, FaultProxy(int(endpoint.rsplit(":", 1)[1])) as proxy:
-            os.environ["AWS_ENDPOINT_URL_S3"] = proxy.url
+        proxy = Requests()
+        with local_s3(buckets=("bench",), on_request=proxy.seen):
             if "d" in args.parts:
                 figures["d_commits"] = part_d(proxy)
                 print("d", json.dumps(figures["d_commits"]), flush=True)
             if "b" in args.parts:
-                figures["b_noop"] = part_b(proxy, tiny_bert(tempfile.mkdtemp(prefix="textlabel-tiny-")), args.noop_files)
+                figures["b_noop"] = part_b(proxy, packaged_bert(tempfile.mkdtemp(prefix="textlabel-tiny-")), args.noop_files)
             if "c" in args.parts:
                 figures["c_small_files"] = part_c(proxy)
     print(json.dumps(figures, indent=2))

@@ -80,6 +80,7 @@ class TrainConfig(LongTextOptions):
     max_length: int = _opt(128, "Longest tokenized row (special tokens included); longer rows are truncated, or cut into windows with --long-texts chunk. Batches pad to their own longest row.")
     seed: int = _opt(0, "Seed for the split, shuffling and initialisation.")
     max_failures: int = _opt(3, "Worker failures to recover from (from the latest checkpoint) before giving up.")
+    progress_seconds: float = _opt(30.0, "Log one progress line (epoch, step, loss, samples/s) every this many seconds of an epoch (0: only each epoch's line).")
     lora: bool = _opt(False, "Fine-tune LoRA adapters (PEFT) instead of every weight, for a model too large to fine-tune whole per worker: the pretrained weights stay frozen, the new classification layers train in full. OUTPUT/model is saved merged (plain Hugging Face weights), OUTPUT/adapter holds the adapter. Needs PEFT: the lora extra (pip install -e '.[lora]'; cluster.yaml installs it).")
     lora_rank: int = _opt(8, "With --lora: rank r of each adapter's update.")
     lora_alpha: float = _opt(16.0, "With --lora: the update is scaled by alpha / r.")
@@ -97,6 +98,8 @@ class TrainConfig(LongTextOptions):
             problems.append(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
         problems += _positive(self, ["num_workers", "epochs", "batch_size", "max_length", "learning_rate", "head_learning_rate",
                                      "cpus_per_worker"])
+        if self.progress_seconds < 0:
+            problems.append(f"--progress-seconds must be >= 0 (0: only each epoch's line), got {self.progress_seconds}")
         if self.mlflow_register and not (self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
             problems.append(f"--mlflow-register {self.mlflow_register} needs a tracking server: pass --mlflow-tracking-uri "
                             "or set MLFLOW_TRACKING_URI")
@@ -284,6 +287,7 @@ class LabelConfig(InferenceOptions):
     lease_seconds: float = _opt(300.0, "Lease time to live: renewed every third of it; a dead holder's lease is taken over at once when its death can be proven, else when it expires.")
     commit_every: int = _opt(500, "Records per manifest commit (a commit also happens every --commit-seconds).")
     commit_seconds: float = _opt(10.0, "Most seconds a finished file waits for its record to be committed.")
+    progress_seconds: float = _opt(10.0, "When the log is not a terminal (cron, ray job logs): one progress line every this many seconds instead of Ray Data's redrawn bars (0: none). A terminal keeps the bars.")
     min_score: dict | None = _opt(None, "Abstain below this calibrated score: a row whose top score is under it keeps its score but gets a null label (skip_reason low_confidence). A number for every class, or per class: CLASS=S,... (YAML: a mapping; '*' for the classes not named).")
     mlflow_tracking_uri: str | None = _opt(None, "MLflow tracking server that resolves a models:/ --model (default: MLFLOW_TRACKING_URI).")
     max_drift: float = _opt(0.2, "Flag the night (exit 4, after its labels are committed) when the population stability index of its labels against the primary reference exceeds this: the model's training labels, else the last 7 nights.")
@@ -312,6 +316,8 @@ class LabelConfig(InferenceOptions):
         problems = _missing_required(self) + self._inference_problems() + self._threshold_problems()
         if self.max_drift <= 0:
             problems.append(f"--max-drift must be > 0, got {self.max_drift}")
+        if self.progress_seconds < 0:
+            problems.append(f"--progress-seconds must be >= 0 (0: no progress lines), got {self.progress_seconds}")
         problems += _positive(self, ["rows_per_file", "part_bytes", "max_attempts", "lease_seconds", "commit_every",
                                      "commit_seconds"])
         if self.relabel and self.keep_old_labels:

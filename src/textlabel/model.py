@@ -243,11 +243,20 @@ def load_tokenizer(model_dir: str):
         raise ModelError(f"--model {model_dir}: {exc}") from None
 
 
+def no_bars() -> None:
+    """No transformers progress bar for loading or saving weights: in a job's log (a file, a pipe) each redraw of
+    one is another line, for work that takes a second."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_for_training(model_dir: str, labels: list[str], pad_token_id: int | None = None):
     """A sequence-classification model with a fresh head for ``labels``; ``pad_token_id`` fills a config that
     has none (a decoder: its classifier pools the last token that is not padding)."""
     from transformers import AutoModelForSequenceClassification
 
+    no_bars()
     net, info = AutoModelForSequenceClassification.from_pretrained(
         model_dir,
         num_labels=len(labels),
@@ -292,6 +301,7 @@ def pad_token_id(net, tokenizer) -> int:
 
 def for_inference(cls, model_dir: str):
     """``cls.from_pretrained`` with PyTorch SDPA attention, or the architecture's own where it has none."""
+    no_bars()
     try:
         return cls.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False, attn_implementation="sdpa")
     except ValueError:
@@ -428,5 +438,6 @@ def training_labels(model: str | None) -> list[dict] | None:
 def save(model, tokenizer, directory: str, state_dict: dict | None = None) -> None:
     """Save model (safetensors; ``state_dict`` instead of its own weights if given) and tokenizer in Hugging Face
     format."""
+    no_bars()
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)

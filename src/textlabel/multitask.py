@@ -57,8 +57,9 @@ def load_multitask_for_training(model_dir: str, tasks: list[dict], pad_token_id:
     """A pretrained encoder (a base model, or a single-task classifier's) with fresh heads for ``tasks``."""
     from transformers import AutoModel
 
-    from textlabel.model import note_new_layers
+    from textlabel.model import no_bars, note_new_layers
 
+    no_bars()
     encoder, info = AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False,
                                               output_loading_info=True)
     if encoder.config.pad_token_id is None:
@@ -100,6 +101,9 @@ def save_multitask(net, tokenizer, directory: str, encoder=None, state_dict: dic
 
     from safetensors.torch import save_file
 
+    from textlabel.model import no_bars
+
+    no_bars()
     (encoder or net.encoder).save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     save_file({f"{t['name']}.{k}": v.detach().cpu().contiguous() for t, head in zip(net.tasks, net.heads)

@@ -118,6 +118,11 @@ def list_files(loc: Location, suffix: str) -> list[pafs.FileInfo]:
     )
 
 
+# s3fs uploads an object of at least twice this many bytes as a multipart upload of parts this size (its
+# default). A test hook (labeller.py, "multipart_bytes") lowers it to send a small file in parts.
+MULTIPART_BYTES = 50 * 2**20
+
+
 def write_bytes(loc: Location, data: bytes) -> None:
     """Write a whole object atomically: readers see the old object or the new one, never part of one.
 
@@ -128,7 +133,7 @@ def write_bytes(loc: Location, data: bytes) -> None:
     remote = fsspec_of(loc.fs)
     try:
         if remote is not None:
-            remote.pipe_file(loc.path, bytes(data))
+            remote.pipe_file(loc.path, bytes(data), chunksize=MULTIPART_BYTES)
             return
         folder = os.path.dirname(loc.path)
         os.makedirs(folder, exist_ok=True)

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Settings that may change between a run and its resumption without changing the result
 # (the worker count and device change the global batch and the optimizer state's device).
-_RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_register"}
+_RESUMABLE_CHANGES = {"cpus_per_worker", "max_failures", "progress_seconds", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_register"}
 
 
 @dataclasses.dataclass
@@ -174,7 +174,7 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
         max_grad_norm=cfg.max_grad_norm, max_length=cfg.max_length, seed=cfg.seed, use_gpu=cfg.use_gpu,
         steps_per_epoch=math.ceil(prepared.train_inputs.num_rows / (cfg.num_workers * cfg.batch_size)),
         lora=cfg.lora_settings(), head_learning_rate=cfg.head_learning_rate,
-        early_stopping_patience=cfg.early_stopping_patience,
+        early_stopping_patience=cfg.early_stopping_patience, progress_seconds=cfg.progress_seconds,
         mlflow={"tracking_uri": run.tracking_uri, "run_id": run.run_id} if run else None,
         label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
                       for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],

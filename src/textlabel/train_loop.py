@@ -27,7 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from textlabel import calibration, chunking, lora, multitask
+from textlabel import calibration, chunking, lora, multitask, progress
 from textlabel import model as model_lib
 from textlabel.metrics import classification_metrics
 
@@ -61,6 +61,7 @@ class LoopSettings:
     head_learning_rate: float | None = None  # the new layers' peak rate (None: learning_rate)
     early_stopping_patience: int = 0  # epochs without a better validation macro-F1 before stopping (0: never)
     mlflow: dict | None = None  # tracking_uri and run_id: rank 0 logs each epoch's metrics there
+    progress_seconds: float = 30.0  # a progress line within an epoch every this many seconds (0: none)
 
 
 def _setup_worker_logging(rank: int) -> None:
@@ -216,10 +217,11 @@ def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: i
     shard = ray.train.get_dataset_shard("train")
     loss_sum, rows = 0.0, 0
     task_sums = [[0.0, 0] for _ in s.tasks]  # per task: loss x labelled rows, labelled rows
-    for batch in shard.iter_batches(
+    tick, started = progress.Every(s.progress_seconds), time.perf_counter()
+    for step, batch in enumerate(shard.iter_batches(
         batch_size=s.batch_size, batch_format="numpy",
         local_shuffle_buffer_size=max(4 * s.batch_size, 1000), local_shuffle_seed=s.seed + epoch,
-    ):
+    ), start=1):
         golds = [torch.tensor(batch[t["column"]], device=device) for t in s.tasks]
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=s.use_gpu):
             logits = _logits(net, _inputs(tokenizer, batch, slice(None), s.max_length, device))
@@ -237,6 +239,9 @@ def _train_epoch(net, tokenizer, optimizer, scheduler, s: LoopSettings, epoch: i
         optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.item() * len(golds[0])
         rows += len(golds[0])
+        if tick.due():  # rank 0's shard stands for every worker's: they step together
+            logger.info("epoch %d/%d: step %d/%d, train_loss=%.4f, %.1f samples/s per worker", epoch + 1, s.epochs, step,
+                        s.steps_per_epoch, loss_sum / rows, rows / (time.perf_counter() - started))
     return loss_sum, rows, task_sums
 
 

@@ -1,4 +1,5 @@
-"""Multi-task: one encoder, a head per task, trained on rows missing some labels, labelling every task."""
+"""Multi-task end to end: one encoder, a head per task, trained on rows missing some labels; one labelling pass
+labels every task, and evaluate scores each as the job labels it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import put_parquet, read_output, two_task_rows, resolve
+from support.corpus import put_parquet, read_output, two_task_rows, resolve
 from textlabel import calibration, storage
 from textlabel.cli import evaluate_main, label_main, train_main
 from textlabel.model import local_model_dir
@@ -18,7 +19,7 @@ from textlabel.model import local_model_dir
 def wider_tiny_model(tmp_path_factory) -> str:
     """A 2-layer, 64-wide random RoBERTa (byte-level BPE trained on the shipped sample; RobertaModel has a pooler). It
     learns both tasks by the third epoch (sentiment 0.69 / topic 0.95 after one, 1.0 / 1.0 after three): 4 are given."""
-    from families import tiny_model
+    from textlabel.scratch import tiny_model
 
     return tiny_model("roberta", tmp_path_factory.mktemp("tiny-roberta-64"), hidden=64, heads=4, intermediate=128)
 
@@ -123,19 +124,3 @@ def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_ta
                  for t in tasks}
     ours = Predictor(model_dir, max_rows=8).label(prepare(model_dir, pa.array(texts), 128))
     assert plain == {"sentiment": ours["sentiment_label"].to_pylist(), "topic": ours["topic_label"].to_pylist()}
-
-
-def test_a_missing_label_trains_nothing_and_an_empty_task_keeps_its_gradient():
-    import torch
-
-    from textlabel.train_loop import _task_losses
-
-    logits = [torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True),
-              torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)]
-    golds = [torch.tensor([0, 1, -1]), torch.tensor([-1, -1, -1])]
-    first, second = _task_losses(logits, golds)
-    expected = torch.nn.functional.cross_entropy(logits[0][:2], golds[0][:2])  # the masked row does not count
-    assert torch.isclose(first, expected) and second.item() == 0.0
-    (first + second).backward()
-    assert logits[0].grad[2].abs().sum() == 0  # no gradient from the row without a label
-    assert logits[1].grad is not None and logits[1].grad.abs().sum() == 0  # in the graph (DDP), contributing nothing

@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import FILLER, NEGATIVE, POSITIVE, easy_rows, put_parquet, read_output, resolve
+from support.corpus import FILLER, NEGATIVE, POSITIVE, easy_rows, put_parquet, read_output, resolve
 from textlabel import chunking, predict, storage
-from rayhead import submit
+from support.rayhead import submit
 from textlabel.cli import evaluate_main, label_main
 
 WINDOW = ["--max-length", "32", "--chunk-overlap", "8"]  # 30 content tokens a window, 22 new ones each

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import easy_rows
+from support.corpus import easy_rows
 from textlabel import pool, predict
 
 
@@ -96,16 +96,6 @@ def test_onnx_runtime_labels_as_torch_does(tiny_model):
     a, b = onnx.label(prepared), torch_.label(prepared)
     assert a["label"].to_pylist() == b["label"].to_pylist()
     np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-5)
-
-
-def test_bf16_weights_label_as_fp32_does(trained):
-    from textlabel.model import local_model_dir
-
-    model = local_model_dir(f"{trained['output']}/model")
-    prepared = predict.prepare(model, pa.array(easy_rows(400, seed=21)["text"].to_pylist()), 32)
-    fp32 = predict.Predictor(model).label(prepared)["label_id"].to_numpy()
-    bf16 = predict.Predictor(model, precision="bf16").label(prepared)["label_id"].to_numpy()
-    assert np.mean(fp32 == bf16) >= 0.995
 
 
 @pytest.mark.parametrize("cpus, gpus, use_gpu, units, expected", [

@@ -1,3 +1,5 @@
+"""Reading and checking training data (data.py), on local files: pure, no Ray, no S3."""
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP proxy in front of the S3 server, for the tests.
+"""The tests' S3: moto's server on loopback, behind a fault-injecting HTTP proxy (``s3_server``).
 
 Every S3 request of the test session goes through it (AWS_ENDPOINT_URL_S3 names the
 proxy, so Ray workers use it too). It passes everything through until a test sets
@@ -29,6 +29,10 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
 
 FAULTS = ("500", "503", "reset", "reset_after")
 _ERRORS = {
@@ -204,3 +208,29 @@ class FaultProxy:
             return
         finally:
             upstream.close()
+
+
+@contextmanager
+def s3_server(buckets: tuple[str, ...] = ()) -> Iterator[FaultProxy]:
+    """moto's S3 server on 127.0.0.1 behind a FaultProxy, the standard AWS environment pointing at the proxy (so
+    every process started meanwhile, Ray's workers included, goes through it), ``buckets`` made; yields the proxy."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from textlabel import storage
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        with FaultProxy(server.get_host_and_port()[1]) as proxy, pytest.MonkeyPatch.context() as env:
+            for key, value in {"AWS_ACCESS_KEY_ID": "tests", "AWS_SECRET_ACCESS_KEY": "tests",
+                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": proxy.url}.items():
+                env.setenv(key, value)
+            env.delenv("AWS_ENDPOINT_URL", raising=False)
+            for bucket in buckets:
+                storage.s3_filesystem().mkdir(bucket)
+            yield proxy
+    finally:
+        server.stop()

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pytest
 
-from conftest import corpus as make_corpus, put_parquet, read_output, resolve
-from textlabel import storage
+from support.corpus import corpus as make_corpus, easy_rows, put_parquet, read_output, resolve
+from textlabel import predict, storage
 from textlabel.cli import label_main
 
 
@@ -115,25 +115,9 @@ def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
     assert not storage.exists(resolve(f"{s3_prefix}/out"))
 
 
-def test_reading_windows_are_cut_by_rows_and_with_chunk_by_text_bytes_too():
-    """Pure (no Ray, no S3): a window of long texts ends at the byte budget, so --long-texts chunk cannot hold
-    8,192 rows x 64 model windows of token ids at once; ends and errors keep their place."""
-    from textlabel.labeller import windows_of
-
-    def rows(n: int, width: int):
-        return "rows", (None, pa.record_batch({"text": ["x" * width] * n}))
-
-    events = [rows(100, 10), rows(100, 10), ("end", "a"), rows(50, 20_000), rows(50, 20_000), ("error", "b"), rows(10, 10)]
-    by_rows = list(windows_of(iter(events), "text", max_rows=200))
-    assert [[k for k, _ in w] for w in by_rows] == [["rows", "rows"], ["end", "rows", "rows", "error", "rows"]]
-    by_bytes = list(windows_of(iter(events), "text", max_rows=200, max_text_bytes=1_000_000))
-    assert [[k for k, _ in w] for w in by_bytes] == [["rows", "rows"], ["end", "rows"], ["rows"], ["error", "rows"]]
-    assert [e for w in by_bytes for e in w] == events  # nothing lost, nothing reordered
-
-
 def test_min_score_abstains_and_a_night_whose_labels_moved_is_flagged_after_committing(trained, s3_prefix, tmp_path):
     """Users route low-confidence rows to people, and are told (exit 4) when tonight's labels moved."""
-    from conftest import NEGATIVE, POSITIVE, easy_rows
+    from support.corpus import NEGATIVE, POSITIVE, easy_rows
 
     from textlabel import nights
 
@@ -175,3 +159,13 @@ def test_min_score_abstains_and_a_night_whose_labels_moved_is_flagged_after_comm
     assert [n["rows"] for n in nights.load(resolve(out))] == [night1.num_rows, positive.num_rows]
     png = storage.read_bytes(resolve(out).join("_report", "drift.png"))
     assert png.startswith(b"\x89PNG")
+
+
+def test_bf16_weights_label_as_fp32_does(trained):
+    from textlabel.model import local_model_dir
+
+    model = local_model_dir(f"{trained['output']}/model")
+    prepared = predict.prepare(model, pa.array(easy_rows(400, seed=21)["text"].to_pylist()), 32)
+    fp32 = predict.Predictor(model).label(prepared)["label_id"].to_numpy()
+    bf16 = predict.Predictor(model, precision="bf16").label(prepared)["label_id"].to_numpy()
+    assert np.mean(fp32 == bf16) >= 0.995

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import corpus, easy_rows, put_parquet, read_output, resolve
+from support.corpus import corpus, easy_rows, put_parquet, read_output, resolve
 from textlabel import storage
 from textlabel.cli import label_main
 

@@ -1,9 +1,14 @@
-"""Tiny random models of each family textlabel supports, with a tokenizer of the family's kind trained on the
-shipped SST-2 sample (no hub): byte-level BPE for GPT-2, RoBERTa and ModernBERT, WordPiece for BERT, DistilBERT
-and ELECTRA, a SentencePiece unigram for DeBERTa-v2, a SentencePiece-style BPE for Llama. Every build gives the
-same vocabulary and weights, so a test's outcome never depends on the run. Each tokenizer is saved with
-the family's own tokenizer class and defaults, so a decoder's has no pad token and Llama's pads on the left,
-as the real ones do.
+"""Dry-run material made offline: random-weight models of every family textlabel supports, and synthetic
+labelled rows a small model learns in seconds.
+
+Teams use it to check a cluster end to end before real weights or data are there; textlabel's own tests and
+benchmarks build their small models and rows with it (nothing is downloaded).
+
+Each model gets a tokenizer of its family's kind trained on the shipped SST-2 sample: byte-level BPE for
+GPT-2, RoBERTa and ModernBERT, WordPiece for BERT, DistilBERT and ELECTRA, a SentencePiece unigram for
+DeBERTa-v2, a SentencePiece-style BPE for Llama. Every build gives the same vocabulary and weights, so a
+test's outcome never depends on the run. Each tokenizer is saved with the family's own tokenizer class and
+defaults, so a decoder's has no pad token and Llama's pads on the left, as the real ones do.
 """
 
 from __future__ import annotations
@@ -12,9 +17,12 @@ import csv
 import functools
 import json
 import math
+import random
 from collections import Counter
 from importlib import resources
 from pathlib import Path
+
+import pyarrow as pa
 
 FAMILIES = ("bert", "roberta", "distilbert", "deberta-v2", "electra", "modernbert", "gpt2", "llama")
 DECODERS = ("gpt2", "llama")
@@ -142,3 +150,57 @@ def tiny_model(family: str, directory: str | Path, hidden: int = 32, heads: int 
     AutoModelForSequenceClassification.from_config(config(family, tok, 2, hidden, heads, intermediate)).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def packaged_bert(directory: str | Path, hidden: int = 32, heads: int = 2, intermediate: int = 64) -> str:
+    """Save a 2-layer random BERT sequence classifier ``hidden`` wide, with the packaged model's tokenizer (a few
+    MB), into ``directory``; return its path."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from textlabel.model import packaged_model_dir
+
+    tok = AutoTokenizer.from_pretrained(packaged_model_dir())
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=128)
+    torch.manual_seed(0)  # the same weights every build
+    BertForSequenceClassification(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+POSITIVE = ["great", "wonderful", "superb", "delightful", "moving", "brilliant", "charming", "excellent"]
+NEGATIVE = ["awful", "dull", "tedious", "terrible", "boring", "clumsy", "lifeless", "painful"]
+FILLER = ["the", "film", "movie", "plot", "acting", "was", "is", "really", "quite", "story", "a", "and", "cast"]
+TOPICS = {"acting": ["actor", "actress", "performance"], "music": ["music", "score", "song"],
+          "visuals": ["camera", "colour", "scenery"]}
+
+
+def easy_rows(n: int, seed: int = 0) -> pa.Table:
+    """Sentiment rows (text, label) a small model learns in seconds: one polar word among filler."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = rng.choice(["negative", "positive"])
+        words = rng.choices(FILLER, k=rng.randint(3, 10))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return pa.table({"text": texts, "label": labels})
+
+
+def two_task_rows(n: int, seed: int = 0, missing: float = 0.0) -> pa.Table:
+    """Rows with two label sets: sentiment (a polar word) and topic (a topic word); a ``missing`` share of each
+    task's labels is null, as rows from mixed sources have."""
+    rng = random.Random(seed)
+    base = easy_rows(n, seed)
+    texts, topics = [], []
+    for text in base["text"].to_pylist():
+        topic = rng.choice(sorted(TOPICS))
+        words = text.split()
+        words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[topic]))
+        texts.append(" ".join(words))
+        topics.append(topic)
+    sentiment = [None if rng.random() < missing else s for s in base["label"].to_pylist()]
+    topics = [None if rng.random() < missing else t for t in topics]
+    return pa.table({"text": texts, "sentiment": pa.array(sentiment, pa.string()), "topic": pa.array(topics, pa.string())})

@@ -16,7 +16,7 @@ def no_pooler(tmp_path_factory) -> str:
     """A tiny BERT saved without a pooler or a classifier, as many base models are."""
     from transformers import BertModel
 
-    from families import config, tokenizer
+    from textlabel.scratch import config, tokenizer
 
     directory = tmp_path_factory.mktemp("no-pooler")
     tok = tokenizer("bert")

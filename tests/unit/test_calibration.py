@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import easy_rows
+from support.corpus import easy_rows
 from textlabel import calibration, chunking, predict
 from textlabel import model as model_lib
 

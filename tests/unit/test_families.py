@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import easy_rows
-from families import DECODERS, FAMILIES, tiny_model
+from support.corpus import easy_rows
+from textlabel.scratch import DECODERS, FAMILIES, tiny_model
 from textlabel import lora, multitask, predict
 from textlabel import model as model_lib
 from textlabel.chunking import LongTexts
@@ -233,7 +233,7 @@ def test_lora_trains_layers_the_checkpoint_did_not_have_in_full(tmp_path):
     """A base model saved without a pooler (as some are): its pooler, like the classifier, is new, so it trains."""
     from transformers import BertModel
 
-    from families import config, tokenizer
+    from textlabel.scratch import config, tokenizer
 
     tok = tokenizer("bert")
     BertModel(config("bert", tok), add_pooling_layer=False).save_pretrained(tmp_path)

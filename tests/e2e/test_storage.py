@@ -1,5 +1,5 @@
-"""Listing with versions and reads pinned to the listed version, on the S3 server and on a local disk
-(no Ray)."""
+"""Storage against the S3 server and a local disk (no Ray): listings with versions, reads pinned to the listed
+version, a model under an s3:// URL fetched again when it changes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import put_parquet, resolve
+from support.corpus import put_parquet, resolve
 from textlabel import storage
 
 

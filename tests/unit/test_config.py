@@ -1,3 +1,5 @@
+"""Config parsing (config.py): options, their checks, --help, the README tables and the shipped configs."""
+
 import dataclasses
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Evaluation reports: numbers checked against scikit-learn, PNGs checked as images."""
+"""The evaluate job, and the report a training run writes: figures checked against scikit-learn."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
 
-from conftest import easy_rows, put_parquet, resolve
+from support.corpus import easy_rows, put_parquet, resolve
 from textlabel import storage
 from textlabel.cli import evaluate_main
-from textlabel.report import write_report
 
 
 def _per_class_rows(markdown: str, heading: str) -> dict[str, list[float]]:
@@ -39,27 +38,6 @@ def _check_against_sklearn(markdown: str, heading: str, y_true, y_pred, labels):
     assert list(table) == labels
     for i, name in enumerate(labels):
         np.testing.assert_allclose(table[name], [precision[i], recall[i], f1[i], support[i]], atol=1e-4)
-
-
-def test_report_numbers_match_sklearn_and_pngs_are_images(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = ["ham", "spam", "unsure"]
-    y_true = rng.integers(0, 3, 300)
-    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 3, 300))
-    texts = [f"message {i}" for i in range(300)]
-    epochs = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.5 + e / 10, "val_macro_f1": 0.4 + e / 10} for e in (1, 2, 3)]
-    out = resolve(str(tmp_path / "report"))
-    metrics = write_report(out, labels, y_true, y_pred, texts, epochs)
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
-    assert metrics["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
-    markdown = (tmp_path / "report/report.md").read_text()
-    _check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
-    assert f"| fine-tuned model | {accuracy_score(y_true, y_pred):.4f} |" in markdown
-    wrong = int((y_true != y_pred).sum())
-    assert markdown.count("| message ") == min(10, wrong)
-    for name in ["confusion_matrix.png", "training_curves.png"]:
-        height, width = _png_shape(out.join(name))[:2]
-        assert 300 <= height <= 3000 and 500 <= width <= 4000
 
 
 def test_training_writes_a_report_with_a_tfidf_baseline(trained):

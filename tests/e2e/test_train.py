@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import psutil
 import pyarrow.compute as pc
 import pytest
 
-from conftest import easy_rows, put_parquet, resolve
+from support.corpus import easy_rows, put_parquet, resolve
 from textlabel import storage
 from textlabel.cli import train_main
 
@@ -146,20 +145,24 @@ def _registered_checkpoints(output_dir: str) -> int:
 
 
 def _kill_a_worker_after_first_checkpoint(output_dir: str, killed: list[int]) -> None:
-    # Wait until Ray Train has registered a checkpoint (not merely begun writing one).
+    """The event: Ray Train has registered a checkpoint (not merely begun writing one). Then SIGKILL one training
+    worker of this session's Ray (whose processes descend from this test process): nothing else on the machine."""
     deadline = time.time() + 240
     while time.time() < deadline and _registered_checkpoints(output_dir) == 0:
         time.sleep(0.1)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::RayTrainWorker"):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            killed.append(proc.info["pid"])
-            return
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline() and proc.cmdline()[0].startswith("ray::RayTrainWorker"):
+                proc.kill()
+                killed.append(proc.pid)
+                return
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> str:
-    from families import tiny_model
+    from textlabel.scratch import tiny_model
 
     return tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 
@@ -200,7 +203,7 @@ def _the_lora_artifact_labels_as_the_job_does(base: str, output: str, tmp_path) 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, pipeline
 
-    from conftest import read_output
+    from support.corpus import read_output
     from textlabel.cli import label_main
     from textlabel.model import load_for_training, load_tokenizer
 
