@@ -6,7 +6,7 @@ VENV := .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv clean
+.PHONY: demo test unit venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit layer alone (no Ray, no S3 server): about a minute.
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 from textlabel import data as data_lib
 from textlabel import family as family_lib
 from textlabel import model as model_lib
-from textlabel import predict, storage, tracking
+from textlabel import predict, progress, storage, tracking
 from textlabel.config import ConfigError, TrainConfig
 from textlabel.lora import ADAPTER_DIR
 from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
@@ -179,6 +179,8 @@ def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
         label_counts=[np.bincount(ids[ids >= 0], minlength=len(t["labels"])).tolist()
                       for t in prepared.tasks for ids in [prepared.train[t["column"]].to_numpy()]],
     )
+    # Ray Data's progress bars are for terminals; a log file or pipe gets the epoch lines (train_loop) instead.
+    ray.data.DataContext.get_current().enable_progress_bars = progress.interactive()
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1

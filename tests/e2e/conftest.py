@@ -42,7 +42,7 @@ def ray_session(s3_endpoint) -> str:
     driver started by a test joins through RAY_ADDRESS."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, object_store_memory=2 * 1024**3)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

@@ -14,6 +14,8 @@ from support.corpus import easy_rows, put_parquet, resolve
 from textlabel import storage
 from textlabel.cli import evaluate_main
 
+pytestmark = pytest.mark.xdist_group("trained")  # one worker: one trained model
+
 
 def _per_class_rows(markdown: str, heading: str) -> dict[str, list[float]]:
     section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
@@ -41,6 +43,7 @@ def _check_against_sklearn(markdown: str, heading: str, y_true, y_pred, labels):
 
 
 def test_training_writes_a_report_with_a_tfidf_baseline(trained):
+    """Promise: every training run reports its figures next to a TF-IDF baseline on the same rows."""
     out = resolve(trained["output"])
     metrics = storage.read_json(out.join("metrics.json"))
     baseline = metrics["baseline_tfidf_logreg"]
@@ -53,6 +56,7 @@ def test_training_writes_a_report_with_a_tfidf_baseline(trained):
 
 
 def test_evaluate_job_matches_sklearn_on_independent_predictions(trained, s3_prefix, tmp_path):
+    """Promise: evaluate.py's figures are scikit-learn's on the same predictions."""
     from transformers import pipeline
 
     rows = easy_rows(300, seed=42)

@@ -1,4 +1,5 @@
 """Promise: a labelling run killed at any point loses and duplicates nothing; the next run finishes its work.
+A predictor actor killed mid-write is replaced and its run finishes.
 
 One corpus, two nights, and a driver SIGKILLed at each phase of a run, each at a chosen event (a request held
 by the fault proxy, support/s3.py), never after a sleep: the first manifest commit, the sweep of outputs no
@@ -62,7 +63,8 @@ class Night:
                      "--num-actors", "1", "--max-drift", "1e9"]
         self.runs = 0
 
-    def _start(self, extra: list[str], hooks: str | None) -> tuple[subprocess.Popen, str]:
+    def start(self, extra: list[str], hooks: str | None = None) -> tuple[subprocess.Popen, str]:
+        """Start a run; its process and its log file (its stdout and stderr, a file as under cron)."""
         self.runs += 1
         log = str(self.logs / f"run-{self.runs}.log")
         env = {**self.env, "TEXTLABEL_TEST_HOOKS": hooks} if hooks else self.env
@@ -73,7 +75,7 @@ class Night:
     def killed_at(self, held, *extra: str, hooks: str | None = None) -> None:
         """Start a run, wait for the held request, SIGKILL the run's driver, wait for Ray to end its actors, then
         let the request go on (or vanish, as the hold says)."""
-        proc, log = self._start(list(extra), hooks)
+        proc, log = self.start(list(extra), hooks)
         while not held.arrived.wait(0.05):
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (exit {proc.returncode}) before {held.method} {held.fragment} "
@@ -87,7 +89,7 @@ class Night:
         held.release()
 
     def finishes(self, *extra: str) -> dict:
-        proc, log = self._start(list(extra), None)
+        proc, log = self.start(list(extra))
         assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
         return storage.read_json(resolve(f"{self.prefix}/out/_summary.json"))
 
@@ -109,6 +111,7 @@ def _incompressible(n: int, seed: int) -> pa.Table:
 
 def test_a_run_killed_at_each_phase_is_finished_by_the_next_and_every_row_is_labelled_once(
         ray_session, repo_root, tiny_model, s3_endpoint, s3_prefix, tmp_path):
+    """Promise: wherever a night is killed, the next run finishes it and every row is labelled exactly once."""
     proxy, bucket_prefix, out = s3_endpoint, s3_prefix[len("s3://"):], f"{s3_prefix}/out"
     rows = corpus(f"{s3_prefix}/in", [50] * 12)
     inputs = {f"part-{i}.parquet": list(range(50 * i, 50 * (i + 1))) for i in range(12)}
@@ -169,3 +172,27 @@ def test_a_run_killed_at_each_phase_is_finished_by_the_next_and_every_row_is_lab
                    if f.type == storage.pafs.FileType.File)
     assert [n for n in names if not n.startswith(("_runs/", "_manifest/", "_report/"))] == [
         "_summary.json", "big.parquet", *sorted(inputs)[1:]]  # no lease left, nothing partial
+
+
+def test_a_killed_predictor_actor_is_replaced_and_its_log_is_progress_lines_not_bars(
+        ray_session, repo_root, tiny_model, s3_endpoint, s3_prefix, tmp_path):
+    """Promise: a predictor actor that dies (out of memory, a lost node) is replaced and the night completes, every
+    row once; and the job's log, written to a file, is one progress line every so often, not redrawn bars."""
+    rows = corpus(f"{s3_prefix}/in", [50] * 10)
+    night = Night(repo_root, ray_session, tiny_model, s3_prefix, tmp_path)
+    held = s3_endpoint.hold("PUT", f"{s3_prefix[5:]}/out/part-")  # the actor, writing its first output
+    proc, log = night.start(["--progress-seconds", "0.5"])
+    held.wait()
+    victims = _actors()
+    assert len(victims) == 1  # the pool's one actor, killed with a write on the wire
+    victims[0].kill()
+    held.release()
+    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
+    summary = storage.read_json(resolve(f"{s3_prefix}/out/_summary.json"))
+    assert (summary["files_labelled"], summary["files_failed"], summary["rows_out"]) == (10, 0, 500)
+    got = read_output(f"{s3_prefix}/out")["id"].to_pylist()
+    assert len(got) == len(set(got)) and sorted(got) == rows["id"].to_pylist()
+    text = open(log).read()
+    progress = [line for line in text.splitlines() if "textlabel.progress: labelled " in line]
+    assert len(progress) >= 2 and "labelled 10/10 files (100% of the bytes): 500 rows" in progress[-1], text[-3000:]
+    assert "\r" not in text and "%|" not in text, text[-3000:]  # no bar, redrawn or not

@@ -11,12 +11,15 @@ from support.corpus import corpus as make_corpus, easy_rows, put_parquet, read_o
 from textlabel import predict, storage
 from textlabel.cli import label_main
 
+pytestmark = pytest.mark.xdist_group("trained")  # one worker: one trained model
+
 
 def _label(args: list) -> int:
     return label_main([str(a) for a in args])
 
 
 def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
+    """Promise: label.py labels every row of a Parquet prefix on S3 into S3, once, keeping every input column."""
     corpus = make_corpus(f"{s3_prefix}/corpus", [700, 300, 5])
     # Two rows without text: kept, with a null label, never given a made-up one.
     texts = corpus["text"].to_pylist()
@@ -79,6 +82,7 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     ("max_length", "--max-length 200 is beyond"),  # the GPT-2 has 128 positions
 ])
 def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case, expected):
+    """Promise: bad input to label.py fails in seconds with exit 2 and one line naming the fix, writing nothing."""
     model, extra = f"{trained['output']}/model", []
     if case == "no_text_column":
         put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], "body": ["x"]}))
@@ -106,6 +110,7 @@ def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case
 
 
 def test_a_pool_bigger_than_the_cluster_is_refused(trained, s3_prefix, caplog):
+    """Promise: an actor pool the cluster cannot hold is refused up front, not left pending."""
     for name in "abc":
         put_parquet(f"{s3_prefix}/in/{name}.parquet", pa.table({"text": ["x"]}))
     code = _label(["--model", f"{trained['output']}/model", "--input", f"{s3_prefix}/in/", "--output", f"{s3_prefix}/out",
@@ -162,6 +167,7 @@ def test_min_score_abstains_and_a_night_whose_labels_moved_is_flagged_after_comm
 
 
 def test_bf16_weights_label_as_fp32_does(trained):
+    """Promise: bf16 inference (the GPU default) labels as fp32 does."""
     from textlabel.model import local_model_dir
 
     model = local_model_dir(f"{trained['output']}/model")

@@ -1,6 +1,5 @@
 """Long documents end to end (--long-texts chunk): train on windows, then label and evaluate whole documents,
-through the jobs' entry points (submitted with `ray job submit` to a token-auth head, as users run them),
-S3 to S3, on a tiny BERT that reads 32 tokens at a time."""
+through the jobs' entry points, S3 to S3, on a tiny BERT that reads 32 tokens at a time."""
 
 from __future__ import annotations
 
@@ -12,41 +11,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from support.corpus import FILLER, NEGATIVE, POSITIVE, easy_rows, put_parquet, read_output, resolve
+from support.corpus import FILLER, NEGATIVE, POSITIVE, document, documents, easy_rows, put_parquet, read_output, resolve
 from textlabel import chunking, predict, storage
-from support.rayhead import submit
-from textlabel.cli import evaluate_main, label_main
+from textlabel.cli import evaluate_main, label_main, train_main
 
 WINDOW = ["--max-length", "32", "--chunk-overlap", "8"]  # 30 content tokens a window, 22 new ones each
 
-
-def document(rng: random.Random, label: str, words: int, after: int = 0) -> str:
-    """Neutral filler with one polar word of ``label``, placed after the first ``after`` words."""
-    text = rng.choices(FILLER, k=words)
-    text.insert(rng.randint(after, words), rng.choice(POSITIVE if label == "positive" else NEGATIVE))
-    return " ".join(text)
-
-
-def documents(n: int, seed: int, words: tuple[int, int] = (40, 90), after: int = 0) -> pa.Table:
-    rng = random.Random(seed)
-    labels = [rng.choice(["negative", "positive"]) for _ in range(n)]
-    return pa.table({"text": [document(rng, y, rng.randint(*words), after) for y in labels], "label": labels})
+pytestmark = pytest.mark.xdist_group("long")  # one worker: one model
 
 
 @pytest.fixture(scope="module")
-def long_model(ray_head, repo_root, tiny_model, s3_endpoint):
-    """`ray job submit -- python jobs/train.py --long-texts chunk` on long documents and short rows, validated on
-    held-out ones; then `... jobs/label.py --long-texts chunk` on the validation rows."""
+def long_model(ray_session, tiny_model, s3_endpoint):
+    """jobs/train.py --long-texts chunk on long documents and short rows, validated on held-out ones; then
+    jobs/label.py --long-texts chunk on the validation rows (their entry points, on the session's Ray)."""
     prefix = "s3://tests/long-texts"
     put_parquet(f"{prefix}/train.parquet", pa.concat_tables([documents(300, seed=32), easy_rows(300, seed=31)]))
     put_parquet(f"{prefix}/val.parquet", pa.concat_tables([documents(100, seed=33), easy_rows(40, seed=34)]))
     model = f"{prefix}/run/model"
-    submit(ray_head, repo_root, ["jobs/train.py", "--data", f"{prefix}/train.parquet", "--validation-data", f"{prefix}/val.parquet",
-                                 "--output", f"{prefix}/run", "--model", tiny_model, "--epochs", "4", "--learning-rate", "3e-3",
-                                 "--head-learning-rate", "3e-3", "--early-stopping-patience", "0",
-                                 "--batch-size", "16", "--long-texts", "chunk", *WINDOW])
-    submit(ray_head, repo_root, ["jobs/label.py", "--model", model, "--input", f"{prefix}/val.parquet", "--output",
-                                 f"{prefix}/val-labels", "--label-prefix", "pred_", "--long-texts", "chunk", *WINDOW])
+    assert train_main(["--data", f"{prefix}/train.parquet", "--validation-data", f"{prefix}/val.parquet",
+                       "--output", f"{prefix}/run", "--model", tiny_model, "--epochs", "4", "--learning-rate", "3e-3",
+                       "--head-learning-rate", "3e-3", "--early-stopping-patience", "0", "--num-workers", "1",
+                       "--batch-size", "16", "--long-texts", "chunk", *WINDOW]) == 0
+    assert label_main(["--model", model, "--input", f"{prefix}/val.parquet", "--output", f"{prefix}/val-labels",
+                       "--label-prefix", "pred_", "--long-texts", "chunk", "--num-actors", "1", *WINDOW]) == 0
     return {"prefix": prefix, "model": model, "metrics": storage.read_json(resolve(f"{prefix}/run/metrics.json")),
             "val_labels": read_output(f"{prefix}/val-labels")}
 
@@ -56,7 +43,7 @@ def _accuracy(table: pa.Table, prefix: str = "") -> float:
 
 
 def test_training_on_windows_reports_the_accuracy_labelling_delivers(long_model):
-    """Promise: the two commands run as Ray jobs, and train.py --long-texts chunk learns from every window while
+    """Promise: train.py --long-texts chunk learns from every window while
     its validation scores whole documents as the labelling job does: its reported accuracy is the job's."""
     assert [e["epoch"] for e in long_model["metrics"]["epochs"]] == [1, 2, 3, 4]
     final = long_model["metrics"]["validation"]  # the exported epoch's
@@ -84,7 +71,8 @@ def test_a_label_past_the_first_window_is_read_with_chunk_and_missed_with_trunca
     n = len(texts)
     put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": list(range(n)), "text": pa.array(texts, pa.string()),
                                                        "label": labels}))
-    common = ["--model", long_model["model"], "--input", f"{s3_prefix}/in/", "--label-prefix", "pred_", *WINDOW]
+    common = ["--model", long_model["model"], "--input", f"{s3_prefix}/in/", "--label-prefix", "pred_", "--num-actors", "1",
+              *WINDOW]
     assert label_main([*common, "--output", f"{s3_prefix}/chunk", "--long-texts", "chunk", "--max-chunks", "16"]) == 0
     # Truncate sees filler in every first window and gives nearly every document one label: drift flags it (exit 4).
     assert label_main([*common, "--output", f"{s3_prefix}/truncate"]) == 4

@@ -9,10 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from support.corpus import put_parquet, read_output, two_task_rows, resolve
+from support.corpus import put_parquet, read_output, resolve
+from textlabel.scratch import two_task_rows
 from textlabel import calibration, storage
 from textlabel.cli import evaluate_main, label_main, train_main
 from textlabel.model import local_model_dir
+
+pytestmark = pytest.mark.xdist_group("multitask")  # one worker: one model
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +33,14 @@ def two_task(ray_session, wider_tiny_model):
     rows = two_task_rows(1500, seed=11, missing=0.15)
     put_parquet(f"{prefix}/data/part-0.parquet", rows)
     args = ["--data", f"{prefix}/data/", "--output", f"{prefix}/run", "--model", wider_tiny_model, "--label-column", "sentiment",
-            "--label-column", "topic", "--num-workers", 2, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
+            "--label-column", "topic", "--num-workers", 1, "--epochs", 4, "--learning-rate", 2e-3, "--batch-size", 16,
             "--max-length", 32, "--head-learning-rate", 2e-3, "--early-stopping-patience", 0]
     assert train_main([str(a) for a in args]) == 0
     return {"prefix": prefix, "rows": rows, "metrics": storage.read_json(resolve(f"{prefix}/run/metrics.json"))}
 
 
 def test_two_tasks_train_together_with_missing_labels_masked(two_task):
+    """Promise: one run trains a head per label column, a missing label training nothing."""
     metrics, rows = two_task["metrics"], two_task["rows"]
     assert [t["name"] for t in metrics["tasks"]] == ["sentiment", "topic"]
     assert metrics["tasks"][1]["labels"] == ["acting", "music", "visuals"]
@@ -66,10 +70,11 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
 
 
 def test_a_multi_task_model_labels_every_task_in_one_pass_in_int8(two_task, s3_prefix):
+    """Promise: one labelling pass labels every task, also in int8."""
     truth = two_task_rows(400, seed=12)
     put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": list(range(400)), "text": truth["text"]}))
     assert label_main(["--model", f"{two_task['prefix']}/run/model", "--input", f"{s3_prefix}/in/",
-                       "--output", f"{s3_prefix}/out", "--max-length", "32", "--quantize"]) == 0
+                       "--output", f"{s3_prefix}/out", "--max-length", "32", "--quantize", "--num-actors", "1"]) == 0
     out = read_output(f"{s3_prefix}/out").sort_by("id")
     assert out["id"].to_pylist() == list(range(400))
     assert out.column_names == ["id", "text", "sentiment_label", "sentiment_label_id", "sentiment_score",
@@ -81,13 +86,14 @@ def test_a_multi_task_model_labels_every_task_in_one_pass_in_int8(two_task, s3_p
 
 
 def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task, s3_prefix):
+    """Promise: evaluate.py scores each task with exactly the labels the labelling job gives."""
     truth = two_task_rows(300, seed=14, missing=0.2)
     put_parquet(f"{s3_prefix}/holdout.parquet", truth)
     model = f"{two_task['prefix']}/run/model"
     assert evaluate_main(["--model", model, "--data", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/eval",
                           "--max-length", "32"]) == 0
     assert label_main(["--model", model, "--input", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/out",
-                       "--max-length", "32", "--label-prefix", "pred_"]) == 0
+                       "--max-length", "32", "--label-prefix", "pred_", "--num-actors", "1"]) == 0
     labelled = read_output(f"{s3_prefix}/out")
     metrics = storage.read_json(resolve(f"{s3_prefix}/eval/metrics.json"))
     for task in ["sentiment", "topic"]:
@@ -105,6 +111,7 @@ def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task,
 
 
 def test_multi_task_model_loads_in_plain_transformers_as_the_readme_shows(two_task):
+    """Promise: a multi-task model loads in plain transformers as the README shows."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer

@@ -21,11 +21,13 @@ from textlabel.cli import label_main
 pytestmark = pytest.mark.usefixtures("ray_session")  # the session's one local Ray, not one per job
 
 
-def _label(model: str, prefix: str, *extra) -> int:
+def _label(model: str, prefix: str, *extra, actors: int | None = 1) -> int:
     # A random model's label shares on random rows mean nothing night to night: no drift verdict here
-    # (test_label.py and test_drift.py test drift).
+    # (test_label.py and test_drift.py test drift). One predictor actor unless a test says otherwise: each costs a
+    # process that imports torch and transformers, and these corpora are small.
+    pool = ["--num-actors", str(actors)] if actors else []
     return label_main(["--model", model, "--input", f"{prefix}/in/", "--output", f"{prefix}/out", "--max-length", "32",
-                       "--batch-size", "16", "--label-prefix", "pred_", "--max-drift", "1e9", *map(str, extra)])
+                       "--batch-size", "16", "--label-prefix", "pred_", "--max-drift", "1e9", *pool, *map(str, extra)])
 
 
 def _summary(prefix: str) -> dict:
@@ -48,6 +50,7 @@ def _assert_exactly_once(prefix: str, expected_ids) -> pa.Table:
 
 
 def test_each_night_labels_only_new_and_changed_files(tiny_model, s3_prefix, tmp_path):
+    """Promise: each night labels only new and changed files; another model is refused unless --relabel."""
     rows = corpus(f"{s3_prefix}/in", [200, 150, 100])
     assert _label(tiny_model, s3_prefix) == 0
     first = _versions(s3_prefix)
@@ -132,6 +135,7 @@ def _fuzz_corpus(prefix: str) -> dict:
 
 
 def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_model, s3_prefix, caplog):
+    """Promise: bad rows and bad files are counted and reported, never dropped silently; the rest is labelled."""
     expected = _fuzz_corpus(s3_prefix)
     assert _label(tiny_model, s3_prefix) == 3  # finished, but some files need a look
     out = resolve(f"{s3_prefix}/out")
@@ -173,6 +177,7 @@ def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_mod
 
 
 def test_object_store_faults_are_retried_and_a_permanent_one_fails_only_its_file(tiny_model, s3_prefix, s3_faults):
+    """Promise: transient S3 faults are retried; a permanent one fails only its file, which the next night labels."""
     rows = corpus(f"{s3_prefix}/in", [100] * 24)
     s3_faults.deny = {f"{s3_prefix[5:]}/in/part-5.parquet"}  # access denied on one object, every time
     s3_faults.fail_rate = 0.25  # and every fourth request fails: 500, 503, reset, or reset after taking effect, in turn
@@ -206,6 +211,7 @@ def _killed_holder(out: str) -> None:
 
 
 def test_local_output_cleans_up_after_a_killed_run(tiny_model, tmp_path):
+    """Promise: on a local disk too, a killed run's leftovers are cleaned up and missing outputs relabelled."""
     prefix = str(tmp_path)
     (tmp_path / "in").mkdir()
     rows = corpus(f"{prefix}/in", [30, 20])
@@ -242,6 +248,7 @@ def _in_thread(target, *args):
 
 
 def test_a_second_run_on_a_held_prefix_is_refused_and_the_first_labels_exactly_once(tiny_model, s3_prefix, s3_faults, caplog):
+    """Promise: a second run on the same output is refused at once while the first labels exactly once."""
     rows = corpus(f"{s3_prefix}/in", [40, 30])
     held = s3_faults.hold("PUT", f"{s3_prefix[5:]}/out/part-")  # the first run, caught writing its first output
     first, result = _in_thread(_label, tiny_model, s3_prefix)
@@ -258,6 +265,7 @@ def test_a_second_run_on_a_held_prefix_is_refused_and_the_first_labels_exactly_o
 
 
 def test_a_lease_left_by_a_run_elsewhere_is_taken_over_once_it_expires(tiny_model, s3_prefix, caplog):
+    """Promise: a lease left by a dead run on another node is taken over once it expires, not before."""
     import json
     import time
 
@@ -276,6 +284,7 @@ def test_a_lease_left_by_a_run_elsewhere_is_taken_over_once_it_expires(tiny_mode
 
 
 def test_a_store_that_ignores_conditional_writes_is_refused_unless_told(tiny_model, s3_prefix, s3_faults, caplog):
+    """Promise: a store that ignores conditional writes is refused, unless --no-lease says so."""
     rows = corpus(f"{s3_prefix}/in", [20])
     s3_faults.strip_conditions = True
     try:
@@ -289,6 +298,7 @@ def test_a_store_that_ignores_conditional_writes_is_refused_unless_told(tiny_mod
 
 
 def test_a_file_replaced_before_it_is_read_ends_labelled_at_its_new_version(tiny_model, s3_prefix, s3_faults):
+    """Promise: a file replaced mid-run ends labelled at the version that was read, never a mix."""
     rows = corpus(f"{s3_prefix}/in", [30, 30, 30])
     held = s3_faults.hold("GET", f"{s3_prefix[5:]}/in/part-1.parquet", ranged=False)  # the actor's read of it
     run, result = _in_thread(_label, tiny_model, s3_prefix)
@@ -306,6 +316,7 @@ def test_a_file_replaced_before_it_is_read_ends_labelled_at_its_new_version(tiny
 
 
 def test_a_part_that_kills_its_actor_every_time_fails_alone_and_the_night_goes_on(tiny_model, s3_prefix, monkeypatch):
+    """Promise: a row that kills its predictor every time fails its file alone; the night goes on."""
     rows = corpus(f"{s3_prefix}/in", [30, 30, 30])
     poison = easy_rows(10, seed=5).append_column("id", [list(range(5000, 5010))])
     poison = poison.set_column(0, "text", pa.array(["a POISON pill"] + poison["text"].to_pylist()[1:]))
@@ -319,6 +330,7 @@ def test_a_part_that_kills_its_actor_every_time_fails_alone_and_the_night_goes_o
 
 
 def test_many_small_files_are_packed_and_every_row_labelled_once(tiny_model, s3_prefix):
+    """Promise: many small files are packed into few units and each still gets its own output."""
     rows = corpus(f"{s3_prefix}/in", [5] * 60)
     assert _label(tiny_model, s3_prefix, "--num-actors", 2, "--cpus-per-actor", 0.5) == 0
     summary = _summary(s3_prefix)
@@ -328,8 +340,9 @@ def test_many_small_files_are_packed_and_every_row_labelled_once(tiny_model, s3_
 
 
 def test_gone_inputs_are_listed_then_pruned_and_a_failed_new_version_keeps_its_old_labels(tiny_model, s3_prefix):
+    """Promise: deleted inputs are listed, pruned on request; a broken new version keeps its old labels."""
     rows = corpus(f"{s3_prefix}/in", [20, 20, 20])
-    assert _label(tiny_model, s3_prefix) == 0
+    assert _label(tiny_model, s3_prefix, actors=None) == 0
     pool = _summary(s3_prefix)["pool"]  # no pool flags: sized to the tests' Ray (2 CPUs), recorded with the reason
     assert (pool["max_actors"], pool["threads"]) == (2, 1) and pool["why"].startswith("2 CPUs on 1 node(s)")
     storage.delete(resolve(f"{s3_prefix}/in/part-2.parquet"))

@@ -22,6 +22,7 @@ def prefix(request, tmp_path) -> str:
 
 
 def test_listing_gives_each_visible_file_its_version_in_path_order(prefix):
+    """Promise: a listing sees each data file with its version, skipping hidden and temporary ones."""
     for name in ["b.parquet", "a/c.parquet", "_tmp/x.parquet", ".hidden.parquet", "notes.txt"]:
         storage.write_bytes(resolve(f"{prefix}/{name}"), b"PAR1")
     listing = storage.list_table(resolve(prefix), ".parquet")
@@ -38,6 +39,7 @@ def test_listing_gives_each_visible_file_its_version_in_path_order(prefix):
 
 def test_a_read_is_pinned_to_the_listed_version(prefix):
     # Incompressible rows, two row groups of ~6 MB: a reader fetches them in separate requests.
+    """Promise: a file is read at the version that was listed, or its read fails as changed."""
     blobs = pa.array([os.urandom(60_000) for _ in range(200)], pa.binary())
     put_parquet(f"{prefix}/a.parquet", pa.table({"id": list(range(200)), "blob": blobs}), row_group_size=100)
     loc = resolve(f"{prefix}/a.parquet")
@@ -67,6 +69,7 @@ def test_a_read_is_pinned_to_the_listed_version(prefix):
 
 
 def test_local_fingerprints_see_a_same_size_rewrite_within_the_same_mtime(tmp_path):
+    """Promise: on a local disk, a same-size rewrite within one mtime tick is still a new version."""
     path = tmp_path / "a.parquet"
     path.write_bytes(b"PAR1 one")
     st = os.stat(path)

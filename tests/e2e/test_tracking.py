@@ -9,6 +9,8 @@ import pytest
 from support.corpus import easy_rows, put_parquet, read_output, resolve
 from textlabel import storage
 
+pytestmark = pytest.mark.xdist_group("trained")  # one worker: one trained model
+
 
 def _client(url: str):
     from mlflow import MlflowClient

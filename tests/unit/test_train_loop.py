@@ -72,3 +72,19 @@ def test_early_stopping_on_validation_macro_f1(f1s, patience, best, stop):
     assert should_stop(epochs, patience) is stop
     if epochs:
         assert best_epoch(epochs) == best
+
+
+def test_a_missing_label_trains_nothing_and_an_empty_task_keeps_its_gradient():
+    import torch
+
+    from textlabel.train_loop import _task_losses
+
+    logits = [torch.tensor([[2.0, 0.0], [0.0, 2.0], [5.0, -5.0]], requires_grad=True),
+              torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], requires_grad=True)]
+    golds = [torch.tensor([0, 1, -1]), torch.tensor([-1, -1, -1])]
+    first, second = _task_losses(logits, golds)
+    expected = torch.nn.functional.cross_entropy(logits[0][:2], golds[0][:2])  # the masked row does not count
+    assert torch.isclose(first, expected) and second.item() == 0.0
+    (first + second).backward()
+    assert logits[0].grad[2].abs().sum() == 0  # no gradient from the row without a label
+    assert logits[1].grad is not None and logits[1].grad.abs().sum() == 0  # in the graph (DDP), contributing nothing
