@@ -15,6 +15,10 @@ import pytest
 # moto refuses multipart parts under 5 MiB, as S3 does; the multipart kill test (test_faults.py) uploads a small
 # output in 32 KiB parts. Read by moto when it is imported, below.
 os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(32 * 1024))
+# Ray Train's controller polls its workers every 2 s by default: each epoch's report, and the end of a run, wait
+# for the next poll. Tests with epochs of a second poll every 0.5 s (a documented Ray Train setting; Ray passes it
+# on to the controller and workers).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 from support.corpus import fresh_prefix, put_parquet
 from textlabel.scratch import easy_rows
@@ -47,9 +51,10 @@ def ray_session(s3_endpoint) -> str:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(s3_endpoint):
-    """A real `ray start --head` (token auth on) that jobs are submitted to (rayhead.submit), shared by the session."""
+    """A real `ray start --head` (token auth on) that jobs are submitted to (rayhead.submit), for one module: it
+    stops when its tests are done."""
     from support.rayhead import ray_head as start
 
     with start() as head:

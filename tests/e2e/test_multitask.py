@@ -69,34 +69,24 @@ def test_two_tasks_train_together_with_missing_labels_masked(two_task):
     assert storage.exists(run.join("report", "topic", "reliability.png"))
 
 
-def test_a_multi_task_model_labels_every_task_in_one_pass_in_int8(two_task, s3_prefix):
-    """Promise: one labelling pass labels every task, also in int8."""
-    truth = two_task_rows(400, seed=12)
-    put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": list(range(400)), "text": truth["text"]}))
-    assert label_main(["--model", f"{two_task['prefix']}/run/model", "--input", f"{s3_prefix}/in/",
-                       "--output", f"{s3_prefix}/out", "--max-length", "32", "--quantize", "--num-actors", "1"]) == 0
-    out = read_output(f"{s3_prefix}/out").sort_by("id")
-    assert out["id"].to_pylist() == list(range(400))
-    assert out.column_names == ["id", "text", "sentiment_label", "sentiment_label_id", "sentiment_score",
-                                "topic_label", "topic_label_id", "topic_score", "truncated", "skip_reason"]
-    for task, labels in [("sentiment", ["negative", "positive"]), ("topic", ["acting", "music", "visuals"])]:
-        predicted = np.array(out[f"{task}_label"].to_pylist())
-        assert (np.array(labels)[out[f"{task}_label_id"].to_numpy()] == predicted).all()
-        assert np.mean(predicted == np.array(truth[task].to_pylist())) > 0.9
-
-
-def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task, s3_prefix):
-    """Promise: evaluate.py scores each task with exactly the labels the labelling job gives."""
+def test_one_pass_labels_every_task_in_int8_and_evaluate_scores_each_as_the_job_labels(two_task, s3_prefix):
+    """Promise: one labelling pass labels every task (in int8 here), and evaluate.py scores each task with exactly
+    the labels the labelling job gives."""
     truth = two_task_rows(300, seed=14, missing=0.2)
     put_parquet(f"{s3_prefix}/holdout.parquet", truth)
     model = f"{two_task['prefix']}/run/model"
     assert evaluate_main(["--model", model, "--data", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/eval",
-                          "--max-length", "32"]) == 0
+                          "--max-length", "32", "--quantize"]) == 0
     assert label_main(["--model", model, "--input", f"{s3_prefix}/holdout.parquet", "--output", f"{s3_prefix}/out",
-                       "--max-length", "32", "--label-prefix", "pred_", "--num-actors", "1"]) == 0
+                       "--max-length", "32", "--label-prefix", "pred_", "--num-actors", "1", "--quantize"]) == 0
     labelled = read_output(f"{s3_prefix}/out")
+    assert labelled.column_names == ["text", "sentiment", "topic", "pred_sentiment_label", "pred_sentiment_label_id",
+                                     "pred_sentiment_score", "pred_topic_label", "pred_topic_label_id", "pred_topic_score",
+                                     "pred_truncated", "pred_skip_reason"]
     metrics = storage.read_json(resolve(f"{s3_prefix}/eval/metrics.json"))
-    for task in ["sentiment", "topic"]:
+    for task, names in [("sentiment", ["negative", "positive"]), ("topic", ["acting", "music", "visuals"])]:
+        ids = labelled[f"pred_{task}_label_id"].to_numpy()
+        assert (np.array(names)[ids] == np.array(labelled[f"pred_{task}_label"].to_pylist())).all()
         y_true = np.array(labelled[task].to_pylist(), dtype=object)
         has = y_true != None  # noqa: E711  (rows with a label for this task)
         accuracy = np.mean(np.array(labelled[f"pred_{task}_label"].to_pylist(), dtype=object)[has] == y_true[has])
@@ -105,7 +95,9 @@ def test_evaluate_scores_each_task_exactly_as_the_labelling_job_labels(two_task,
         # ECE of the scores the labelling job writes, binned as calibration.ece bins them.
         score = np.array(labelled[f"pred_{task}_score"].to_pylist())[has]
         correct = np.array(labelled[f"pred_{task}_label"].to_pylist(), dtype=object)[has] == y_true[has]
-        assert list(metrics["tasks"][task]["scores"]["ece"].values()) == [pytest.approx(calibration.ece(score, correct), abs=1e-5)]
+        # int8 quantizes each batch's activations with that batch's own scale: a row's score moves in the fourth
+        # decimal with its batch-mates (its label does not: near ties are labelled again in full precision).
+        assert list(metrics["tasks"][task]["scores"]["ece"].values()) == [pytest.approx(calibration.ece(score, correct), abs=1e-3)]
         assert storage.exists(resolve(f"{s3_prefix}/eval/{task}/confusion_matrix.png"))
     assert "[topic](topic/report.md)" in storage.read_bytes(resolve(f"{s3_prefix}/eval/report.md")).decode()
 

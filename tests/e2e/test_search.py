@@ -12,7 +12,6 @@ import pytest
 from support.corpus import easy_rows
 from support.rayhead import processes, start, submit
 
-pytestmark = pytest.mark.xdist_group("head")  # one worker: one `ray start --head`
 
 
 def _learning(trial: Path) -> bool:

@@ -46,7 +46,7 @@ def mlflow_server(root: Path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group this fixture started
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=3)  # uvicorn waits for idle connections otherwise
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
