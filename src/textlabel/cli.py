@@ -23,6 +23,8 @@ USER_ERRORS = (ConfigError, DataError, LeaseHeld, ModelError, StorageError)
 def setup_logging() -> None:
     """Log textlabel's lines to stderr with timestamps (called once, by the entry point)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("botocore", "aiobotocore"):  # "Found credentials in environment variables", per client
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def init_ray() -> None:

@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-import re
-
-import matplotlib.image as mpimg
 import numpy as np
 import pyarrow as pa
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, f1_score
 
 from support.corpus import easy_rows, put_parquet, resolve
+from support.reports import check_against_sklearn, png_shape
 from textlabel import storage
 from textlabel.cli import evaluate_main
 
 pytestmark = pytest.mark.xdist_group("trained")  # one worker: one trained model
-
-
-def _per_class_rows(markdown: str, heading: str) -> dict[str, list[float]]:
-    section = markdown.split(heading, 1)[1].split("\n## ", 1)[0]
-    rows = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 5 and re.fullmatch(r"[0-9.]+", cells[1]):
-            rows[cells[0]] = [float(c) for c in cells[1:]]
-    return rows
-
-
-def _png_shape(loc: storage.Location) -> tuple[int, ...]:
-    data = storage.read_bytes(loc)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    import io
-    return mpimg.imread(io.BytesIO(data), format="png").shape
-
-
-def _check_against_sklearn(markdown: str, heading: str, y_true, y_pred, labels):
-    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=range(len(labels)), zero_division=0)
-    table = _per_class_rows(markdown, heading)
-    assert list(table) == labels
-    for i, name in enumerate(labels):
-        np.testing.assert_allclose(table[name], [precision[i], recall[i], f1[i], support[i]], atol=1e-4)
 
 
 def test_training_writes_a_report_with_a_tfidf_baseline(trained):
@@ -51,7 +24,7 @@ def test_training_writes_a_report_with_a_tfidf_baseline(trained):
     markdown = storage.read_bytes(out.join("report", "report.md")).decode()
     assert "TF-IDF + logistic regression (same split)" in markdown
     assert f"| fine-tuned model | {metrics['validation']['val_accuracy']:.4f} |" in markdown  # the exported epoch's
-    assert len(_png_shape(out.join("report", "training_curves.png"))) == 3
+    assert len(png_shape(out.join("report", "training_curves.png"))) == 3
     assert not storage.exists(out.join("model", "history.json"))
 
 
@@ -76,10 +49,10 @@ def test_evaluate_job_matches_sklearn_on_independent_predictions(trained, s3_pre
     assert summary["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     assert summary["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
     markdown = storage.read_bytes(out.join("report.md")).decode()
-    _check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
-    assert _png_shape(out.join("confusion_matrix.png"))[0] >= 300
+    check_against_sklearn(markdown, "## Per class (fine-tuned model)", y_true, y_pred, labels)
+    assert png_shape(out.join("confusion_matrix.png"))[0] >= 300
     scores = summary["scores"]  # calibration error of the scores labelling gives, and what --min-score would do
-    assert 0 <= list(scores["ece"].values())[0] < 0.2 and _png_shape(out.join("reliability.png"))[0] >= 300
+    assert 0 <= list(scores["ece"].values())[0] < 0.2 and png_shape(out.join("reliability.png"))[0] >= 300
     assert [r["min_score"] for r in scores["min_score"]] == [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
     assert scores["min_score"][0] == {"min_score": 0.5, "abstained": 0.0, "accuracy": pytest.approx(summary["accuracy"], abs=1e-4)}
     assert "## Scores" in markdown
