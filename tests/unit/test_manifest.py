@@ -32,11 +32,12 @@ def test_a_night_writes_segments_and_the_next_one_reads_them(tmp_path):
     assert not first.found and first.epoch == 1
     first.claim("s3://corpus/")  # an empty snapshot: the prefix is ours before any output exists
     first.write_segment([rec("a"), rec("b")], 1)
-    first.write_segment([rec("b", "etag:2"), rec("c", status=Status.FAILED)], 2)
+    newer = rec("b", "etag:2")  # one record, compared whole (its recorded_at is the second it was made)
+    first.write_segment([newer, rec("c", status=Status.FAILED)], 2)
     loaded = Manifest.load(out)  # a run killed here: the next run sees every committed record
     assert loaded.input == "s3://corpus/" and loaded.epoch == 2
     assert records(loaded) == {"a": ("etag:1", "done"), "b": ("etag:2", "done"), "c": ("etag:1", "failed")}
-    assert loaded.records(["b"])["b"] == rec("b", "etag:2")
+    assert loaded.records(["b"])["b"] == newer
     assert first.finish() == "compacted"  # the segments outgrew the (empty) snapshot
     assert names(tmp_path) == ["snapshot-0000000001.parquet"]
     assert records(Manifest.load(out)) == records(loaded)
