@@ -1,8 +1,8 @@
 """Nightly runs over a growing corpus: incremental, exactly once, bad rows and files, object-store faults.
 
 All S3 to S3 through the job's entry point, on the session's Ray and S3 server (behind the
-fault proxy). The kills of the driver and of a predictor actor are in test_cluster.py,
-where the job runs as a submitted Ray job.
+fault proxy). The kills of the driver at each phase of a run and of a predictor actor are in
+test_faults.py.
 """
 
 from __future__ import annotations
