@@ -295,7 +295,8 @@ def _label_units(night: Night) -> None:
                 len(night.units), sum(1 for u in night.units if u.items[0].part))
     night.wrote = True
     tracker = ray.remote(num_cpus=0)(Tracker).remote()
-    ray.data.DataContext.get_current().enable_progress_bars = progress.interactive()  # a log file gets our lines
+    terminal = progress.interactive()
+    ray.data.DataContext.get_current().enable_progress_bars = terminal  # a log file or pipe gets our lines instead
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
@@ -304,7 +305,7 @@ def _label_units(night: Night) -> None:
     )
     results: dict[str, list[ItemResult]] = {}
     done = progress.Labelling(files=len(pending), bytes=sum(f.size for f in pending.values()))
-    with progress.Ticker(done.line, 0 if progress.interactive() else cfg.progress_seconds):
+    with progress.Ticker(done.line, 0 if terminal else cfg.progress_seconds):
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for text in batch["result"].to_pylist():
                 r = ItemResult.from_json(text)
