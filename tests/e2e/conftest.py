@@ -19,6 +19,9 @@ os.environ.setdefault("S3_UPLOAD_PART_MIN_SIZE", str(32 * 1024))
 # for the next poll. Tests with epochs of a second poll every 0.5 s (a documented Ray Train setting; Ray passes it
 # on to the controller and workers).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train starts a preemption watcher actor per worker group (a process, about 1.5 CPU-s) that polls Ray for
+# draining nodes, which a one-node local Ray never has: off in tests (Ray Train reads it in its controller).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 from support.corpus import fresh_prefix, put_parquet
 from textlabel.scratch import easy_rows

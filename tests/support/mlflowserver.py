@@ -28,7 +28,10 @@ def mlflow_server(root: Path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # No job runner: it starts 8 Huey consumer processes (about 20 CPU-s, then polling) for GenAI evaluation jobs,
+        # which tracking and the registry never use.
+        env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
