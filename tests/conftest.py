@@ -12,6 +12,22 @@ from pathlib import Path
 import pytest
 
 
+# The long poles first (with --no-loadscope-reorder, pytest-xdist hands work out in this order): the search waits on
+# its trials more than it computes, so it runs beside the rest rather than alone at the end; the unit tests come last
+# and fill both workers' tails.
+FIRST = ("tests/e2e/test_search.py", "tests/e2e/test_evaluate.py", "tests/e2e/test_label.py", "tests/e2e/test_tracking.py",
+         "tests/e2e/test_train.py", "tests/e2e/test_long_texts.py", "tests/e2e/test_faults.py", "tests/e2e/test_lora.py",
+         "tests/e2e/test_multitask.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> tuple[int, int]:
+        path = item.nodeid.split("::", 1)[0]
+        return (FIRST.index(path) if path in FIRST else len(FIRST), 1 if path.startswith("tests/unit/") else 0)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]

@@ -183,7 +183,7 @@ def test_object_store_faults_are_retried_and_a_permanent_one_fails_only_its_file
     s3_faults.fail_rate = 0.25  # and every fourth request fails: 500, 503, reset, or reset after taking effect, in turn
     before = dict(s3_faults.faults)
     try:
-        assert _label(tiny_model, s3_prefix, "--num-actors", 2) == 3
+        assert _label(tiny_model, s3_prefix) == 3
     finally:
         s3_faults.deny, s3_faults.fail_rate = set(), 0.0
     injected = {k: s3_faults.faults[k] - before.get(k, 0) for k in ("500", "503", "reset", "reset_after")}
