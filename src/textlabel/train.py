@@ -141,15 +141,15 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> None:
-    """A rerun into the same output must be the same run; otherwise resuming would mix two."""
+def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> bool:
+    """A rerun into the same output must be the same run; otherwise resuming would mix two. True when resuming."""
     labels = [t["labels"] for t in prepared.tasks] if prepared.multitask else prepared.labels
     record = {"config": _comparable(dataclasses.asdict(cfg)), "labels": labels,
               "rows": [prepared.train.num_rows, prepared.validation.num_rows]}
     saved_loc = out.join("run_config.json")
     if not storage.exists(out.join("checkpoints", "checkpoint_manager_snapshot.json")):
         storage.write_json(saved_loc, record)  # nothing to resume yet: these settings start it
-        return
+        return False
     saved = storage.read_json(saved_loc)
     saved["config"] = _comparable(saved["config"])
     changed = sorted(
@@ -164,6 +164,24 @@ def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: Prepared
         raise ConfigError([f"--output {cfg.output} already holds a run with different {', '.join(changed)}; "
                            "use a new --output, or rerun with the same settings to resume"])
     logger.info("%s holds an earlier run with the same settings: resuming it", cfg.output)
+    return True
+
+
+def _finished(out: storage.Location, cfg: TrainConfig) -> dict[str, Any] | None:
+    """metrics.json of a run (the same settings, checked before) with nothing left to do: trained, exported and
+    reported, and tracked and registered as this rerun asks. None when something is left, such as a run whose
+    MLflow server was gone when it ended (metrics.json is written before the MLflow run is finished)."""
+    found = out.join("metrics.json")
+    if not storage.exists(found):
+        return None
+    metrics = storage.read_json(found)
+    tracked = metrics.get("mlflow") or {}
+    uri = tracking.tracking_uri(cfg.mlflow_tracking_uri)
+    if uri and tracked.get("tracking_uri") != uri:  # (a resumed run keeps its experiment: tracking.start_run)
+        return None
+    if cfg.mlflow_register and (tracked.get("registered") or {}).get("name") != cfg.mlflow_register:
+        return None
+    return metrics
 
 
 def _trainer(cfg: TrainConfig, prepared: PreparedData, out: storage.Location,
@@ -327,7 +345,11 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
     out = storage.resolve(cfg.output)
     family = check_model(cfg)
     prepared = prepare_data(cfg)
-    _check_resumable(out, cfg, prepared)
+    finished = _finished(out, cfg) if _check_resumable(out, cfg, prepared) else None
+    if finished is not None:
+        logger.info("%s: the run finished already (its metrics.json): nothing left to train, export or track",
+                    cfg.output)
+        return finished
     logger.info(
         "training %s on %d rows (%d validation), %d classes, %d workers",
         model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,

@@ -74,19 +74,22 @@ def test_saved_model_loads_in_a_plain_transformers_pipeline(trained, tmp_path):
     assert predicted == ["positive", "negative", "positive", "negative"]
 
 
-def test_rerun_resumes_instead_of_starting_over(trained, caplog):
-    """Promise: rerunning the same command resumes from its checkpoints instead of starting over."""
+def test_rerun_of_a_finished_run_has_nothing_to_do(trained, caplog):
+    """Promise: rerunning the same command after the run finished trains and rewrites nothing (a killed run resumes
+    from its checkpoints: test_search.py kills a trial's driver, test_lora.py a worker)."""
     before = _metrics(trained["output"])
+    model = resolve(trained["output"]).join("model")
+    weights = {f["path"]: f["fingerprint"] for f in storage.list_versions(model, ".safetensors")}
+    assert weights and before["mlflow"]["registered"] == {"name": "sentiment", "version": "1"}
     assert _train(trained["args"]) == 0
-    after = _metrics(trained["output"])
-    assert "holds an earlier run with the same settings: resuming it" in caplog.text
-    assert after["epochs"] == before["epochs"]  # the finished epochs were not trained again
-    assert after["wall_seconds"] < before["wall_seconds"]
-    # The MLflow run continues: the same run, finished again, and still the only one of this output.
+    assert "the run finished already (its metrics.json): nothing left to train" in caplog.text
+    assert not [m for m in caplog.messages if m.startswith("training ")]  # no Ray Train run started
+    assert _metrics(trained["output"]) == before
+    assert {f["path"]: f["fingerprint"] for f in storage.list_versions(model, ".safetensors")} == weights
+    # Its MLflow run is still the only one of this output, and finished.
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=trained["mlflow"])
-    assert after["mlflow"]["run_id"] == before["mlflow"]["run_id"]
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     assert [r.info.run_id for r in runs] == [before["mlflow"]["run_id"]] and runs[0].info.status == "FINISHED"
 
