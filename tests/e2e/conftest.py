@@ -83,7 +83,7 @@ def mlflow_server(tmp_path_factory) -> str:
 def trained(ray_session, tiny_gpt2, s3_endpoint, mlflow_server):
     """One 2-worker run of jobs/train.py from S3 to S3, shared by the tests that inspect it. Its base model is a
     GPT-2 (a decoder without a pad token: the family most unlike BERT); BERTs are trained end to end by
-    test_long_texts.py and test_train.py's restart test, a RoBERTa by test_multitask.py."""
+    test_long_texts.py, a Llama under LoRA by test_lora.py, a RoBERTa by test_multitask.py."""
     prefix = "s3://tests/train-e2e"
     table = easy_rows(1200, seed=1)
     table = table.sort_by("label")  # one class after the other: training must shuffle globally

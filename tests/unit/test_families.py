@@ -1,6 +1,6 @@
 """Every model family: tiny random models of each (families.py), through the code the workers and the predictor
 actors run, in-process (no Ray, no S3). The jobs run end to end on a GPT-2 (conftest's ``trained``), a RoBERTa
-(test_multitask.py), a Llama under LoRA (test_train.py's killed worker) and a BERT (test_long_texts.py);
+(test_multitask.py), a Llama under LoRA (test_lora.py's killed worker) and a BERT (test_long_texts.py);
 benchmarks/families.py runs all eight through them."""
 
 from __future__ import annotations
