@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 # moto refuses multipart parts under 5 MiB, as S3 does; the multipart kill test (test_faults.py) uploads a small
@@ -51,7 +52,20 @@ def ray_session(s3_endpoint) -> str:
 
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, object_store_memory=2 * 1024**3)
     yield context.address_info["gcs_address"]
+    started = [p for p in psutil.Process().children(recursive=True) if _is_ray(p)]
     ray.shutdown()
+    # A worker can outlive its raylet (once, a predictor actor was left sleeping for an hour): whatever of this
+    # session's Ray is still there after a grace period is killed.
+    for survivor in psutil.wait_procs(started, timeout=10)[1]:
+        survivor.kill()
+
+
+def _is_ray(proc: psutil.Process) -> bool:
+    try:
+        command = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return command.startswith("ray::") or "/site-packages/ray/" in command
 
 
 @pytest.fixture(scope="module")
