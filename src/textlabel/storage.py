@@ -57,9 +57,9 @@ _THREAD = threading.local()
 def s3_filesystem() -> Any:
     """This thread's s3fs filesystem, configured from the AWS environment (no listing cache).
 
-    Made on a thread's first use and kept while the AWS environment stays the same: each new one costs a botocore
-    client (its S3 service model parsed again, about 0.15 CPU-s) and new connections, once per URL resolved before.
-    s3fs's own instance cache is off: its key does not see the environment."""
+    Made on the thread's first use and kept while the process and its AWS_* environment stay the same. A new one
+    costs a botocore client (the S3 service model parsed again, about 0.15 CPU-s) and new connections, which every
+    resolved URL used to pay. s3fs's own instance cache stays off: its key does not see the environment."""
     key = (os.getpid(), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
     held = getattr(_THREAD, "s3", None)
     if held is not None and held[0] == key:

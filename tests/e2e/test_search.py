@@ -13,7 +13,6 @@ from support.corpus import easy_rows
 from support.rayhead import processes, start, submit
 
 
-
 def _learning(trial: Path) -> bool:
     """A trial with the rate that learns (ASHA never stops it), as its run_config.json records."""
     import json
