@@ -23,6 +23,7 @@ from textlabel import pool as pool_lib
 from textlabel import storage
 from textlabel.config import EvaluateConfig
 from textlabel.predict import TableLabeller, output_columns
+from textlabel.redact import redact
 from textlabel.report import Scores, length_groups, write_report
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def run_evaluation(cfg: EvaluateConfig, start_ray: Callable[[], None] | None = N
         lines += [f"| [{n}]({n}/report.md) | {len(m['labels'])} | {m['rows']} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |"
                   for n, m in per_task.items()]
         storage.write_bytes(out.join("report.md"), ("\n".join(lines) + "\n").encode())
-    summary = {"model": cfg.model, "data": cfg.data, "rows": table.num_rows, "dropped_rows": dropped,
+    summary = {"model": redact(cfg.model), "data": redact(cfg.data), "rows": table.num_rows, "dropped_rows": dropped,
                "seconds": round(time.perf_counter() - start, 1), **metrics}
     summary["long_texts"] = _long_text_counts(cfg, predicted)
     storage.write_json(out.join("metrics.json"), summary)

@@ -24,8 +24,9 @@ from typing import Any
 
 import yaml
 
-from textlabel import storage
+from textlabel import storage, tracking
 from textlabel.config import ConfigError, SearchConfig, TrainConfig, _field_types
+from textlabel.redact import redact_values
 
 logger = logging.getLogger(__name__)
 
@@ -134,18 +135,20 @@ def run_search(search: SearchConfig, start_ray: Callable[[], None] | None = None
     from textlabel.train import check_model, prepare_data
 
     cfg = search.train_config()
+    tracking.tracking_uri(cfg.mlflow_tracking_uri)  # a malformed one fails here, before the data is read
     space = load_space(search.search_space)
     out = storage.resolve(cfg.output)
     # Every trial's settings are checked, and the data read once, before Ray starts.
     check_model(cfg)
     prepare_data(cfg)
-    record = {"config": dataclasses.asdict(cfg), "space": space, "num_samples": search.num_samples,
+    # search_config.json holds the settings redacted (redact.py); an older one's are redacted to compare.
+    record = {"config": redact_values(dataclasses.asdict(cfg)), "space": space, "num_samples": search.num_samples,
               "grace_period": search.grace_period, "reduction_factor": search.reduction_factor}
     saved = out.join("search_config.json")
     path = out.join(TUNE_DIR)
     resuming = storage.exists(saved)
     if resuming:
-        before = storage.read_json(saved)
+        before = redact_values(storage.read_json(saved))
         changed = sorted(k for k in record if before.get(k) != record[k] and k != "config")
         changed += sorted(k for k in record["config"] if before["config"].get(k) != record["config"][k]
                           and k not in ("cpus_per_worker", "max_failures"))
@@ -185,12 +188,11 @@ def run_search(search: SearchConfig, start_ray: Callable[[], None] | None = None
 
 
 def _register_best(cfg: TrainConfig, summary: dict[str, Any]) -> None:
-    from textlabel import tracking
-
     found = storage.read_json(storage.resolve(summary["best"]["output"]).join("metrics.json")).get("mlflow")
     if not found:
         return
-    client = tracking._client(found["tracking_uri"])
+    # The search's own URI (the trials were tracked there): metrics.json records it without its credentials.
+    client = tracking._client(tracking.tracking_uri(cfg.mlflow_tracking_uri))
     summary["registered"] = {"name": cfg.mlflow_register, "version": tracking.register_version(
         client, cfg.mlflow_register, found["model_uri"], found["run_id"])}
     storage.write_json(storage.resolve(cfg.output).join("search.json"), summary)

@@ -7,20 +7,28 @@ driver and the rank-0 worker log to the same run by its id.
 A training output remembers its MLflow run in ``OUTPUT/mlflow_run.json``: a resumed run logs into the same one.
 A registered model is named ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; the labelling job resolves that
 once, on the driver, to the version's artifact (``resolve``).
+
+A tracking URI may carry ``user:password@``: MLflow's client connects with it, and everything written or logged
+here (params, tags, ``mlflow_run.json``, what metrics.json records, messages) holds it redacted (redact.py).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import http.client
 import logging
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from textlabel import storage
 from textlabel.config import ConfigError
+from textlabel.redact import redact, redact_values
 
 logger = logging.getLogger(__name__)
 
@@ -55,44 +63,84 @@ class Registered:
         return f"models:/{self.name}/{self.version}" + (f" (@{self.alias})" if self.alias and alias else "")
 
     def record(self) -> dict[str, str | None]:
-        """What the summary records of it."""
-        return {"name": self.name, "version": self.version, "alias": self.alias, "source": self.source}
+        """What the summary records of it (the source redacted: a served one carries the tracking URI's userinfo)."""
+        return {"name": self.name, "version": self.version, "alias": self.alias, "source": redact(self.source)}
 
 
 def tracking_uri(option: str | None) -> str | None:
-    """The tracking server: --mlflow-tracking-uri, else MLFLOW_TRACKING_URI, else None (no tracking)."""
-    return option or os.environ.get("MLFLOW_TRACKING_URI") or None
+    """The tracking server: --mlflow-tracking-uri, else MLFLOW_TRACKING_URI, else None (no tracking). A malformed
+    one is a ConfigError naming where it came from."""
+    uri = option or os.environ.get("MLFLOW_TRACKING_URI") or None
+    problem = uri_problem(uri) if uri else None
+    if problem:
+        source = "--mlflow-tracking-uri" if option else "MLFLOW_TRACKING_URI"
+        raise ConfigError([f"{source} {redact(uri)}: {problem}; give it as http(s)://[user:password@]host[:port] "
+                           "(percent-encode '@', ':', '/', '?' and '#' inside a user name or password)"])
+    return uri
+
+
+def uri_problem(uri: str) -> str | None:
+    """What makes a tracking URI unusable before a request is sent (urllib and MLflow raise a traceback on it),
+    or None. The text names no part of the userinfo."""
+    parts = urlparse(uri)
+    if not parts.netloc:
+        return None  # file:, sqlite:, databricks: MLflow's client says what is wrong with one of those
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        return "it names no host"
+    try:
+        parts.port
+    except ValueError:  # (its text would quote the port, which may be part of a password)
+        return "its port is not a number from 0 to 65535 (or its password holds an unencoded '/', '?' or '#')"
+    if parts.netloc.endswith(":"):
+        return "its ':' is followed by no port"
+    return None
 
 
 def _client(uri: str):
     try:
         from mlflow import MlflowClient
     except ImportError:
-        raise ConfigError([f"MLflow tracking ({uri}) needs MLflow's client: pip install -e '.[mlflow]' from the "
+        raise ConfigError([f"MLflow tracking ({redact(uri)}) needs MLflow's client: pip install -e '.[mlflow]' from the "
                            "repository (or pip install mlflow-skinny); cluster.yaml installs it"]) from None
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def health_request(uri: str) -> urllib.request.Request:
+    """The request that probes an http(s) tracking server's ``/health``: a ``user:password@`` goes as a Basic
+    Authorization header, as MLflow's client (requests) sends it; urllib would take it for the host."""
+    parts = urlparse(uri)
+    host = parts.netloc.rpartition("@")[2]
+    url = parts._replace(netloc=host).geturl().rstrip("/") + "/health"
+    request = urllib.request.Request(url)
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    return request
+
+
 def _reachable(client, uri: str) -> None:
     """Fail in seconds, naming the server, rather than after training (MLflow's own client retries for minutes)."""
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return  # a local store (file:, sqlite:) or a managed one: MLflow's client says what is wrong with it
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+        with urllib.request.urlopen(health_request(uri), timeout=10):
             return
     except urllib.error.HTTPError:
         return  # it answers (a proxy in front may not serve /health): the client's calls will say more
-    except (OSError, ValueError) as exc:
-        raise ConfigError([f"--mlflow-tracking-uri {uri}: the tracking server does not answer ({exc}); start it, or "
-                           "fix the URI"]) from None
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise ConfigError([f"--mlflow-tracking-uri {redact(uri)}: the tracking server does not answer "
+                           f"({redact(str(exc))}); start it, or fix the URI"]) from None
 
 
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
-    """A run's settings as MLflow params (strings, at most 6,000 characters each)."""
-    return {k: str(v)[:6000] for k, v in sorted(config.items())}
+    """A run's settings as MLflow params (strings, at most 6,000 characters each; URI credentials redacted)."""
+    return {k: redact(str(v))[:6000] for k, v in sorted(config.items())}
+
+
+def same_server(recorded: str | None, uri: str) -> bool:
+    """Whether a recorded tracking URI (redacted; an older record's as given) names the server ``uri`` names: a
+    rotated password is the same server."""
+    return recorded in (uri, redact(uri))
 
 
 def epoch_metrics(epoch: dict[str, Any]) -> dict[str, float]:
@@ -115,21 +163,21 @@ def start_run(uri: str, experiment: str, out: storage.Location, config: dict[str
     found = out.join(RUN_FILE)
     if storage.exists(found):
         saved = storage.read_json(found)
-        if saved["tracking_uri"] == uri:
+        if same_server(saved["tracking_uri"], uri):
             client.update_run(saved["run_id"], status="RUNNING")
             logger.info("MLflow: continuing run %s in experiment %r", saved["run_id"], saved["experiment"])
             return Run(uri, saved["experiment"], saved["run_id"])
         logger.warning("MLflow: %s was tracked at %s, this run at %s: starting a new MLflow run", out.url,
-                       saved["tracking_uri"], uri)
+                       redact(saved["tracking_uri"]), redact(uri))
     existing = client.get_experiment_by_name(experiment)
     experiment_id = existing.experiment_id if existing else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=out.url.rstrip("/").rsplit("/", 1)[-1],
-                            tags={"textlabel.output": out.url})
+                            tags={"textlabel.output": redact(out.url)})
     from mlflow.entities import Param
 
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
-    storage.write_json(found, {"tracking_uri": uri, "experiment": experiment, "run_id": run.info.run_id})
-    logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, experiment, uri)
+    storage.write_json(found, {"tracking_uri": redact(uri), "experiment": experiment, "run_id": run.info.run_id})
+    logger.info("MLflow: run %s in experiment %r at %s", run.info.run_id, experiment, redact(uri))
     return Run(uri, experiment, run.info.run_id)
 
 
@@ -142,7 +190,9 @@ def log_epoch(run: dict[str, str], epoch: dict[str, Any]) -> None:
     try:
         _client(run["tracking_uri"]).log_batch(run["run_id"], metrics=metrics)
     except Exception as exc:  # tracking is a record of the run, never a reason to lose it
-        logger.warning("MLflow: epoch %d's metrics were not logged (%s); they are in the checkpoint", epoch["epoch"], exc)
+        # (redacted here: a worker's lines reach the job's log without the driver's logging filter)
+        logger.warning("MLflow: epoch %d's metrics were not logged (%s); they are in the checkpoint", epoch["epoch"],
+                       redact(str(exc)))
 
 
 def finish_run(run: Run, out: storage.Location, metrics: dict[str, Any], register: str | None) -> dict[str, Any]:
@@ -162,9 +212,9 @@ def finish_run(run: Run, out: storage.Location, metrics: dict[str, Any], registe
             client.log_artifacts(run.run_id, os.path.join(tmp, name), name)
     labels = {"labels": metrics["labels"], **({"tasks": metrics["tasks"]} if "tasks" in metrics else {})}
     client.log_dict(run.run_id, labels, f"{MODEL_ARTIFACT}/label_map.json")
-    client.log_dict(run.run_id, metrics, "metrics.json")
+    client.log_dict(run.run_id, redact_values(metrics), "metrics.json")
     client.set_terminated(run.run_id, "FINISHED")
-    record: dict[str, Any] = {"tracking_uri": run.tracking_uri, "experiment": run.experiment, "run_id": run.run_id,
+    record: dict[str, Any] = {"tracking_uri": redact(run.tracking_uri), "experiment": run.experiment, "run_id": run.run_id,
                               "model_uri": run.model_uri}
     if register:  # once per run: a resumed run that registered already keeps its version
         earlier = client.search_model_versions(f"name='{register}' and run_id='{run.run_id}'")
@@ -187,7 +237,7 @@ def register_version(client, name: str, source: str, run_id: str | None) -> str:
         run_id, path = source[len("runs:/"):].split("/", 1)
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
     version = client.create_model_version(name, source, run_id=run_id)
-    logger.info("MLflow: registered %s version %s (%s)", name, version.version, source)
+    logger.info("MLflow: registered %s version %s (%s)", name, version.version, redact(source))
     return str(version.version)
 
 
@@ -207,12 +257,12 @@ def promote(model: str, name: str, aliases: list[str], uri: str | None, experime
     parent = loc.url.rstrip("/").rsplit("/", 1)[0]
     tracked = storage.resolve(parent).join(RUN_FILE)
     saved = storage.read_json(tracked) if storage.exists(tracked) else None
-    if saved and saved["tracking_uri"] == uri and loc.url.rstrip("/").endswith("/" + MODEL_ARTIFACT) and _has_model(client, saved["run_id"]):
+    if saved and same_server(saved["tracking_uri"], uri) and loc.url.rstrip("/").endswith("/" + MODEL_ARTIFACT) and _has_model(client, saved["run_id"]):
         run_id = saved["run_id"]
     else:
         existing = client.get_experiment_by_name(experiment)
         experiment_id = existing.experiment_id if existing else client.create_experiment(experiment)
-        run_id = client.create_run(experiment_id, run_name=f"promote {name}", tags={"textlabel.model": loc.url}).info.run_id
+        run_id = client.create_run(experiment_id, run_name=f"promote {name}", tags={"textlabel.model": redact(loc.url)}).info.run_id
         with tempfile.TemporaryDirectory() as tmp:
             storage.copy_dir(loc, storage.resolve(tmp))
             client.log_artifacts(run_id, tmp, MODEL_ARTIFACT)
@@ -262,13 +312,13 @@ def resolve(model: str, uri: str | None) -> Registered:
         version = str(client.get_model_version_by_alias(name, alias).version) if alias else version
         source = client.get_model_version_download_uri(name, version)
     except MlflowException as exc:
-        raise ConfigError([f"--model {model}: {exc.message}; list the versions with the MLflow UI or client"]) from None
+        raise ConfigError([f"--model {model}: {redact(exc.message)}; list the versions with the MLflow UI or client"]) from None
     if urlparse(source).scheme == "mlflow-artifacts":  # served by the tracking server: its HTTP address
         from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
         source = MlflowArtifactsRepository.resolve_uri(source, uri)
     found = Registered(name, version, alias, source)
-    logger.info("--model %s is %s: %s", model, found.describe(), source)
+    logger.info("--model %s is %s: %s", model, found.describe(), redact(source))
     return found
 
 
@@ -282,6 +332,6 @@ def fetch(source: str, target: str) -> None:
     try:
         import mlflow.artifacts
     except ImportError:
-        raise RuntimeError(f"{source}: fetching a model from the MLflow server needs MLflow's client on every node: "
+        raise RuntimeError(f"{redact(source)}: fetching a model from the MLflow server needs MLflow's client on every node: "
                            "pip install -e '.[mlflow]' (cluster.yaml installs it)") from None
     mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=target)

@@ -30,6 +30,7 @@ from textlabel import model as model_lib
 from textlabel import predict, progress, storage, tracking
 from textlabel.config import ConfigError, TrainConfig
 from textlabel.lora import ADAPTER_DIR
+from textlabel.redact import redact_values
 from textlabel.report import Scores, length_groups, tfidf_baseline, write_report
 from textlabel.train_loop import (HISTORY_FILE, IMPROVED, PREDICTIONS_FILE, LoopSettings, best_epoch, settings_dict,
                                   train_loop_per_worker)
@@ -142,16 +143,17 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_resumable(out: storage.Location, cfg: TrainConfig, prepared: PreparedData) -> bool:
-    """A rerun into the same output must be the same run; otherwise resuming would mix two. True when resuming."""
+    """A rerun into the same output must be the same run; otherwise resuming would mix two. True when resuming.
+    run_config.json holds the settings redacted (redact.py), and both sides are compared so."""
     labels = [t["labels"] for t in prepared.tasks] if prepared.multitask else prepared.labels
-    record = {"config": _comparable(dataclasses.asdict(cfg)), "labels": labels,
+    record = {"config": _comparable(redact_values(dataclasses.asdict(cfg))), "labels": labels,
               "rows": [prepared.train.num_rows, prepared.validation.num_rows]}
     saved_loc = out.join("run_config.json")
     if not storage.exists(out.join("checkpoints", "checkpoint_manager_snapshot.json")):
         storage.write_json(saved_loc, record)  # nothing to resume yet: these settings start it
         return False
     saved = storage.read_json(saved_loc)
-    saved["config"] = _comparable(saved["config"])
+    saved["config"] = _comparable(redact_values(saved["config"]))
     changed = sorted(
         k for k in record["config"]
         if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != record["config"][k]
@@ -177,7 +179,7 @@ def _finished(out: storage.Location, cfg: TrainConfig) -> dict[str, Any] | None:
     metrics = storage.read_json(found)
     tracked = metrics.get("mlflow") or {}
     uri = tracking.tracking_uri(cfg.mlflow_tracking_uri)
-    if uri and tracked.get("tracking_uri") != uri:  # (a resumed run keeps its experiment: tracking.start_run)
+    if uri and not tracking.same_server(tracked.get("tracking_uri"), uri):  # (a resumed run keeps its experiment)
         return None
     if cfg.mlflow_register and (tracked.get("registered") or {}).get("name") != cfg.mlflow_register:
         return None
@@ -342,6 +344,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
     data and the model have been checked (bad input fails in seconds, without Ray). ``callbacks``: Ray Train
     callbacks (a search's trial reports to Tune with one)."""
     start = time.perf_counter()
+    uri = tracking.tracking_uri(cfg.mlflow_tracking_uri)  # a malformed one fails here, before anything is read
     out = storage.resolve(cfg.output)
     family = check_model(cfg)
     prepared = prepare_data(cfg)
@@ -355,7 +358,6 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
         model_lib.describe(cfg.model), prepared.train.num_rows, prepared.validation.num_rows,
         len(prepared.labels), cfg.num_workers,
     )
-    uri = tracking.tracking_uri(cfg.mlflow_tracking_uri)
     run = tracking.start_run(uri, cfg.mlflow_experiment, out, dataclasses.asdict(cfg)) if uri else None
     if start_ray is not None:
         start_ray()
@@ -366,7 +368,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
     checkpoint, best = _best_checkpoint(result, history["epochs"])
     predictions = _export(checkpoint, out)
     baseline = _report(out, prepared, predictions, history["epochs"], history["epochs"][best - 1])
-    metrics = {
+    metrics = redact_values({  # written to metrics.json and to MLflow: URI credentials redacted
         "model": model_lib.describe(cfg.model),
         "labels": prepared.labels,
         **({"tasks": [{k: t[k] for k in ("name", "labels", "weight")} for t in prepared.tasks]} if prepared.multitask else {}),
@@ -389,7 +391,7 @@ def run_training(cfg: TrainConfig, start_ray: Callable[[], None] | None = None,
         "baseline_tfidf_logreg": baseline,
         **({"mlflow": {"tracking_uri": run.tracking_uri, "experiment": run.experiment, "run_id": run.run_id,
                        "model_uri": run.model_uri}} if run else {}),
-    }
+    })
     storage.write_json(out.join("metrics.json"), metrics)
     if run:  # after metrics.json: the run's outputs are kept even when the tracking server is gone by now
         metrics["mlflow"] = tracking.finish_run(run, out, metrics, cfg.mlflow_register)
