@@ -1,4 +1,4 @@
-"""Conditional writes of one small object: create it only if absent, replace it only if unchanged.
+"""Conditional writes of one small object: create it only if absent, replace or delete it only if unchanged.
 
 S3 does this with ``If-None-Match: *`` and ``If-Match: <ETag>`` on PUT (s3fs passes them
 through); a local disk with ``O_EXCL`` and a compare-and-swap under ``flock``. The lease
@@ -56,8 +56,17 @@ class S3Store:
         except FileNotFoundError:
             return None
 
-    def delete(self) -> None:
-        self.s3.rm_file(f"{self.bucket}/{self.key}")
+    def delete(self, token: str | None = None) -> None:
+        """Delete the object; with ``token``, only if it is still that version (Conflict if not)."""
+        condition = {"IfMatch": token} if token else {}
+        try:
+            self.s3.call_s3("delete_object", Bucket=self.bucket, Key=self.key, **condition)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if "PreconditionFailed" in repr(exc.__cause__) or "pre-conditions" in str(exc):
+                raise Conflict(str(exc)) from exc
+            raise
 
 
 class LocalStore:
@@ -95,7 +104,19 @@ class LocalStore:
             storage.write_bytes(storage.resolve(self.path), data)
             return self._token(os.stat(self.path))
 
-    def delete(self) -> None:
+    def delete(self, token: str | None = None) -> None:
+        """Delete the file; with ``token``, only if it is still that version (Conflict if not)."""
+        if token is not None:
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                current = self.read()
+                if current is not None and current[1] != token:
+                    raise Conflict(f"{self.path} changed")
+                self._unlink()
+            return
+        self._unlink()
+
+    def _unlink(self) -> None:
         for path in (self.path, self.path + ".lock"):
             try:
                 os.unlink(path)

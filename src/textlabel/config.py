@@ -278,7 +278,9 @@ class LabelConfig(InferenceOptions):
     label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
     rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...).")
     part_bytes: int = _opt(256 << 20, "Most uncompressed input bytes per part (one output file): bounds an actor's memory; a bigger row group is cut into slices.")
-    max_attempts: int = _opt(3, "Times a part may kill its predictor process (out of memory, a crash) before its file is recorded as failed.")
+    max_attempts: int = _opt(3, "Times a unit of work may end its predictor process (out of memory, a crash, --part-timeout) before its files are recorded as failed.")
+    part_timeout: float = _opt(1800.0, "A unit of work that reads or labels no row for this many seconds (a hung read, a stuck model) is abandoned and its predictor process killed: an attempt; after --max-attempts its files are recorded failed.")
+    schedule_timeout: float = _opt(600.0, "End the run (exit 75) when no predictor actor has started this many seconds after the pool was asked for: the cluster lacks the resources, and the message says which.")
     relabel: bool = _opt(False, "Label every input file again, not only new, changed and failed ones; each output file is replaced in place.")
     keep_old_labels: bool = _opt(False, "When --output holds labels from another model: keep them and label only new or changed files with this one (default: refuse).")
     prune_gone: bool = _opt(False, "Delete the outputs and records of input files that no longer exist (default: list them in the summary).")
@@ -318,7 +320,8 @@ class LabelConfig(InferenceOptions):
             problems.append(f"--max-drift must be > 0, got {self.max_drift}")
         if self.progress_seconds < 0:
             problems.append(f"--progress-seconds must be >= 0 (0: no progress lines), got {self.progress_seconds}")
-        problems += _positive(self, ["rows_per_file", "part_bytes", "max_attempts", "lease_seconds", "commit_every",
+        problems += _positive(self, ["rows_per_file", "part_bytes", "max_attempts", "lease_seconds", "part_timeout",
+                                     "schedule_timeout", "commit_every",
                                      "commit_seconds"])
         if self.relabel and self.keep_old_labels:
             problems.append("--relabel and --keep-old-labels contradict each other: pass one")

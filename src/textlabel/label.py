@@ -52,6 +52,7 @@ from textlabel.labeller import LabellerSpec, PartLabeller, Tracker
 from textlabel.manifest import Manifest
 from textlabel.records import FileOutcome, FileRecord, ItemResult, Status, file_record, keep_old_labels
 from textlabel.summary import Tally, write_summary
+from textlabel.watch import Watch, drain
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,9 @@ def _listing(cfg: LabelConfig) -> tuple[storage.Location, str, pa.Table]:
 
 
 def _check_manifest(night: Night) -> None:
-    """One --output holds one corpus's labels, from one model unless told otherwise."""
+    """One --output holds one corpus's labels, from one model unless told otherwise. A model is known by its
+    content (model.identity); a record from before that names it by path and weights, and the same weights are
+    taken for the same model (model.same_model): such records stay as they are until their file is relabelled."""
     cfg, manifest = night.cfg, night.manifest
     if manifest.input and manifest.input.rstrip("/") != cfg.input.rstrip("/"):
         raise ConfigError([f"--output {cfg.output} holds the labels of --input {manifest.input}, not {cfg.input}; "
@@ -116,7 +119,8 @@ def _check_manifest(night: Night) -> None:
         return
     state = manifest.state
     done = state.filter(pa.compute.equal(state["status"].cast(pa.string()), Status.DONE.value))
-    others = sorted(m for m in pa.compute.unique(done["model"].cast(pa.string())).to_pylist() if m != night.model_id)
+    others = sorted(m for m in pa.compute.unique(done["model"].cast(pa.string())).to_pylist()
+                    if not model_lib.same_model(m, night.model_id))
     if others:
         raise ConfigError([
             f"--output {cfg.output} holds labels from another model ({others[0]}); this run's is {night.model_id}. "
@@ -145,7 +149,7 @@ def _read_footers(night: Night) -> None:
             night.failed[name] = footer
         else:
             night.footers[name] = footer
-    night.failed |= plan.collisions(pending, night.listing["input"])
+    night.failed |= sweep.move_misnamed(night)  # before any output is written under the names they had
 
 
 def _check_footers(night: Night) -> None:
@@ -176,6 +180,7 @@ def _thresholds(cfg: LabelConfig) -> list[list[float] | None] | None:
 def _plan(night: Night) -> None:
     cfg, out = night.cfg, night.out
     manifest = night.manifest = Manifest.load(out)
+    manifest.run = night.run
     swept = bool(night.taken_over or not cfg.lease or cfg.verify_outputs or not manifest.found or manifest.legacy)
     present = sweep.present_outputs(out, manifest.found) if swept else None
     night.selection = plan.select(night.listing, manifest.state, cfg.relabel, present, night.root)
@@ -184,10 +189,7 @@ def _plan(night: Night) -> None:
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
     model_lib.check_model_dir(cfg.model)
     model_lib.check(cfg.model, cfg.max_length)  # its architecture and positions, from config.json alone
-    night.model_id = model_lib.identity(cfg.model)
-    if night.registered is not None:  # the registry's name for it, with its weights' fingerprints
-        weights = night.model_id.find(" [")
-        night.model_id = night.registered.describe(alias=False) + (night.model_id[weights:] if weights >= 0 else "")
+    night.model_id = model_lib.identity(cfg.model)  # its content: not its path, nor its name in a registry
     _check_manifest(night)
     night.min_scores = _thresholds(cfg)
     night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix, cfg.long().chunked)
@@ -201,6 +203,7 @@ def _prepare_writes(night: Night) -> None:
     """Before any part runs: claim the prefix, adopt or delete a killed run's outputs, prune gone inputs,
     record the files that failed their checks, and mark the files about to be replaced."""
     cfg, manifest, committer = night.cfg, night.manifest, night.committer
+    _fence(night, "claiming the output prefix")
     manifest.claim(cfg.input)
     by_input = {f.input: f for f in night.selection.pending}
     # A file about to be labelled again stops being vouched for first: if the run dies while its
@@ -212,7 +215,9 @@ def _prepare_writes(night: Night) -> None:
     for record in night.adopted:
         committer.add(record)
         night.tally.adopted.append(record.input)
-    storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in night.stray])
+    if night.stray:
+        _fence(night, "the sweep's deletes")
+        storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in night.stray])
     night.tally.orphans_deleted = len(night.stray)
     if night.stray or night.adopted:
         logger.info("an interrupted run left %d output file(s) without records: adopted %d complete file(s), deleted %d "
@@ -224,6 +229,12 @@ def _prepare_writes(night: Night) -> None:
         night.tally.pruned = list(night.selection.gone)
     for name, reason in night.failed.items():
         _finish_file(night, by_input[name], [ItemResult(name, 0, 1, name, by_input[name].fingerprint, error=reason)])
+
+
+def _fence(night: Night, what: str) -> None:
+    """Prove the lease is still this run's before ``what`` (lease.py); raises LeaseLost."""
+    if night.lease:
+        night.lease.fence(what)
 
 
 def _now() -> str:
@@ -240,6 +251,7 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
         night.tally.changed.append(listed.input)
     record = outcome.record
     if record is None:  # replaced while being read: not recorded at any version; the next run labels it
+        _fence(night, "deleting the outputs of a file replaced while it was read")
         storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in outcome.written])
         return False
     if record.status == Status.FAILED:
@@ -294,7 +306,7 @@ def _label_units(night: Night) -> None:
     logger.info("%d files to label in %d units (%d parts of big files, packs of the rest)", len(pending),
                 len(night.units), sum(1 for u in night.units if u.items[0].part))
     night.wrote = True
-    tracker = ray.remote(num_cpus=0)(Tracker).remote()
+    tracker = ray.remote(num_cpus=0)(Tracker).remote(cfg.part_timeout)
     terminal = progress.interactive()
     ray.data.DataContext.get_current().enable_progress_bars = terminal  # a log file or pipe gets our lines instead
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
@@ -305,8 +317,12 @@ def _label_units(night: Night) -> None:
     )
     results: dict[str, list[ItemResult]] = {}
     done = progress.Labelling(files=len(pending), bytes=sum(f.size for f in pending.values()))
+    asked = (f"{pool.min_actors} actor(s) of {pool.cpus_per_actor:g} CPU"
+             + (f" and {pool.gpus_per_actor:g} GPU" if cfg.use_gpu else "") + " each")
+    watch = Watch.of_tracker(tracker, cfg.part_timeout, cfg.schedule_timeout, asked,
+                             night.lease.check if night.lease else lambda: None)  # a lost lease ends the loop
     with progress.Ticker(done.line, 0 if terminal else cfg.progress_seconds):
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in drain(ds.iter_batches(batch_size=None, batch_format="pyarrow"), watch.tick):
             for text in batch["result"].to_pylist():
                 r = ItemResult.from_json(text)
                 night.tally.add_stats(r.stats)
@@ -336,19 +352,21 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
     night = Night(cfg, run, src, storage.resolve(cfg.output), root, listing, registered=registered)
     if cfg.lease:
         night.lease, night.taken_over = lease_lib.acquire(night.out, run, cfg.lease_seconds)
+    else:
+        lease_lib.refuse_if_held(night.out)
     night.tally.started_at, night.tally.taken_over = _now(), night.taken_over
     crashed, summary = None, None
     try:
         _plan(night)
         _start_pool(night, start_ray)
         night.committer = Committer(night.manifest, cfg.commit_every, cfg.commit_seconds,
-                                    check=night.lease.check if night.lease else lambda: None)
+                                    check=lambda: _fence(night, "a commit"))
         _prepare_writes(night)
         _label_units(night)
         night.committer.close()
-        if night.lease:
-            night.lease.check()
+        _fence(night, "compaction")
         night.tally.manifest = night.manifest.finish()
+        _fence(night, "the drift history")
         night.tally.drift = nights.record(night)  # before the summary: a kill now leaves the night to a rerun
     except BaseException as exc:
         crashed = f"{type(exc).__name__}: {exc}"
@@ -375,10 +393,12 @@ def _end(night: Night, crashed: str | None, seconds: float) -> dict[str, Any] | 
     """Flush what finished, write the summary (once the run got as far as writing), release the lease."""
     clean = crashed is None or not night.wrote
     summary = None
+    lost = night.lease is not None and night.lease.lost is not None
     try:
-        if night.committer is not None:
+        if night.committer is not None and not lost:
             if crashed is not None:
                 night.committer.close()  # the records of every file that finished still count
+            _fence(night, "the summary")
             summary = write_summary(night, seconds, crashed)
     except Exception:
         clean = False

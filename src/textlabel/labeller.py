@@ -9,7 +9,13 @@ model batches), read and tokenized one window ahead of the model in a thread, la
 in one atomic PUT by a writer thread as soon as its last row is labelled. Each output's
 Parquet metadata records its input, the version read, its part and rows, the model, the
 counts and how long texts were read (--long-texts), so a later run can adopt an output
-whose record a kill lost.
+whose record a kill lost. A file of zero rows gets an output of its columns and the
+labels', without rows.
+
+Bad bytes cost their row, not their file: a cell that is not text gets a skip reason
+(predict.texts_of). An error while one file's rows are tokenized or labelled fails that
+output alone, unwritten (so its file keeps its old labels); the other files of its window
+are labelled all the same. A file replaced during a pinned read is changed, not failed.
 
 A unit whose actor keeps dying (out of memory, a crash in native code) is not retried
 forever: the ``Tracker`` actor counts attempts; from the second, a pack's files run one
@@ -32,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from textlabel import drift, predict, storage
@@ -72,21 +79,70 @@ class LabellerSpec:
     hooks: dict[str, str] = field(default_factory=dict)  # test-only fault hooks (TEXTLABEL_TEST_HOOKS)
 
 
+@dataclass
+class _Attempt:
+    """A unit (or a file of a split pack) running on an actor: who runs it, and its last sign of progress."""
+
+    actor: Any
+    last: float
+    doing: str
+    killed: bool = False
+
+
 class Tracker:
-    """Ray actor on the driver's side: how often each unit (or item) was started, and finished items'
-    results, so a retried unit skips what is done and gives up on what keeps killing its actor."""
+    """Ray actor on the driver's side: the attempts of each unit (or of each file of a pack that ended its actor),
+    the progress of those running, and finished files' results, so a retried unit skips what is done and gives
+    up on what keeps ending its actor. An attempt is an actor that ended while holding the unit: a start of a
+    unit whose last attempt never ended. ``overdue`` names the attempts without progress for --part-timeout."""
 
-    def __init__(self) -> None:
-        self.starts: Counter = Counter()
+    def __init__(self, part_timeout: float = 1800.0) -> None:
+        self.part_timeout = part_timeout
+        self.running: dict[str, _Attempt] = {}
+        self.deaths: Counter = Counter()
+        self.why: dict[str, str] = {}  # how a unit's last attempt ended, when the driver knows (a timeout)
         self.finished: dict[str, list[str]] = {}
+        self.actors = 0  # actors that reached their constructor: the pool was scheduled
 
-    def start(self, key: str) -> tuple[int, dict[str, list[str]]]:
-        self.starts[key] += 1
+    def arrived(self) -> None:
+        self.actors += 1
+
+    def started(self) -> int:
+        return self.actors
+
+    def start(self, key: str, actor: Any = None, doing: str = "") -> tuple[int, str | None, dict[str, list[str]]]:
+        """A unit starts on ``actor``: its attempts so far, how the last ended, and its finished files' results."""
+        if key in self.running:  # its last attempt never ended: its actor died, or was killed for a timeout
+            self.deaths[key] += 1
+        self.running[key] = _Attempt(actor, time.monotonic(), doing)
+        self.progress(key, doing)  # a file of a split pack starting: its pack moves
         prefix = key + "/"
-        return self.starts[key], {k: v for k, v in self.finished.items() if k.startswith(prefix)}
+        return self.deaths[key], self.why.get(key), {k: v for k, v in self.finished.items() if k.startswith(prefix)}
+
+    def progress(self, key: str, doing: str) -> None:
+        """A unit moved; a file of a split pack moves its pack too (key "7/a.parquet" is a file of unit 7)."""
+        for k in (key, key.split("/", 1)[0]):
+            attempt = self.running.get(k)
+            if attempt is not None and not attempt.killed:
+                attempt.last, attempt.doing = time.monotonic(), doing
+
+    def end(self, key: str) -> None:
+        self.running.pop(key, None)
 
     def finish(self, key: str, results: list[str]) -> None:
         self.finished[key] = results
+        self.end(key)
+
+    def overdue(self) -> list[tuple[str, Any, str]]:
+        """Attempts without progress for --part-timeout, each returned once: (key, actor, why) for the driver
+        to kill the actor; the unit's next start counts the attempt and knows why it ended."""
+        now, found = time.monotonic(), {}
+        for key, attempt in sorted(self.running.items(), key=lambda kv: -len(kv[0])):  # a pack's file before its pack
+            if not attempt.killed and now - attempt.last >= self.part_timeout:
+                self.why[key] = f"timed out after {self.part_timeout:g} s without progress while {attempt.doing}"
+                found.setdefault(id(attempt.actor), (key, attempt.actor, self.why[key]))
+        for attempt in self.running.values():  # one kill an actor: a second would kill its restarted self
+            attempt.killed = attempt.killed or id(attempt.actor) in found
+        return list(found.values())
 
 
 @dataclass
@@ -103,6 +159,7 @@ class _Out:
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
     label_stats: list[dict] | None = None  # per task: drift.task_stats of its rows
+    error: str | None = None  # why its rows could not be prepared or labelled: it fails alone, unwritten
 
     @property
     def name(self) -> str:
@@ -115,10 +172,44 @@ class _Out:
                           seconds=round(time.perf_counter() - self.start, 3), **changes)
 
 
+@dataclass
+class _Labels:
+    """A window's rows (or one piece's) scored: the output columns and what an output's counts need."""
+
+    prepared: predict.Prepared
+    scored: predict.Scored
+    unsure: list[np.ndarray]  # per task: rows under --min-score
+    columns: dict[str, pa.Array]
+    reasons: list[str | None]  # skip reason per row, low_confidence too
+
+
+def _rows_of(item: Item, start: int | None = None, stop: int | None = None) -> str:
+    """Where in its file an item (or a stretch of it) is, for a person: "rows 0-250000 of big.parquet"."""
+    if start is None and item.part:
+        start, stop = item.part.start, item.part.stop
+    return f"rows {start}-{stop} of {item.input}" if start is not None else item.input
+
+
 def _failed(item: Item, error: str, changed: bool = False, fingerprint: str | None = None) -> ItemResult:
     part = item.part or PartSpec(0, 1, 0, 0, ())
     return ItemResult(item.input, part.index, part.count, part_name(item.input, part.index, part.count),
                       fingerprint or item.fingerprint, error=error[:2000], changed=changed)
+
+
+def _replaced(exc: BaseException) -> bool:
+    """Whether a read failed because its file was replaced meanwhile: a pinned read refused (S3's If-Match,
+    which s3fs raises as FileExpired, or a PreconditionFailed) or another version found."""
+    from s3fs.utils import FileExpired  # s3fs comes with storage's S3 support; only a failed read gets here
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception and what caused it (pyarrow and s3fs each wrap what they raise)
+        if seen is None:
+            return False
+        if isinstance(seen, (storage.VersionChanged, FileExpired)) or "pre-conditions" in str(seen) \
+                or "PreconditionFailed" in repr(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def windows_of(events: Iterator[tuple[str, Any]], text_column: str, max_rows: int,
@@ -143,14 +234,18 @@ class PartLabeller:
 
     def __init__(self, spec: dict[str, Any], tracker: Any = None):
         start = time.perf_counter()
+        if tracker is not None:  # scheduled: what --schedule-timeout waits for (the model may take a while to load)
+            tracker.arrived.remote()
         self.spec = LabellerSpec(**spec)
         s = self.spec
+        self._key, self._doing, self._beaten = "", "", 0.0  # the unit labelled, what it does, when last told
         self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks)
         self.long = predict.LongTexts(**s.long_texts)
         self.min_scores = [None if m is None else np.asarray(m) for m in s.min_scores] if s.min_scores else None
         self.out = storage.resolve(s.output)
         self.src = storage.resolve(s.input)
         self.tracker = tracker
+        self.writing: set[str] = set()  # the items of the unit being labelled whose outputs started to be written
         if "multipart_bytes" in s.hooks:  # test hook: upload even a small output in parts
             storage.MULTIPART_BYTES = int(s.hooks["multipart_bytes"])
         self.timings: Counter = Counter(init_seconds=time.perf_counter() - start)  # this actor's, sent with results
@@ -161,28 +256,42 @@ class PartLabeller:
 
     # Attempts: a unit that killed its actor before is retried carefully, then given up.
 
-    def _start(self, key: str) -> tuple[int, dict[str, list[str]]]:
+    def _start(self, key: str, item: Item) -> tuple[int, str | None, dict[str, list[str]]]:
         if self.tracker is None:
-            return 1, {}
+            return 0, None, {}
         import ray
 
-        return ray.get(self.tracker.start.remote(key))
+        actor = ray.get_runtime_context().current_actor
+        return ray.get(self.tracker.start.remote(key, actor, f"reading {_rows_of(item)}"))
+
+    def _end(self, key: str) -> None:
+        if self.tracker is not None:
+            self.tracker.end.remote(key)
 
     def label_unit(self, unit: Unit) -> list[ItemResult]:
         """Label one unit; returns a result per output file (or per failed item)."""
-        attempt, finished = self._start(str(unit.id))
-        if attempt == 1:
-            return self._guarded(unit.items)
-        if len(unit.items) == 1:
-            return self._give_up(unit.items[0], attempt - 1) if attempt > self.spec.max_attempts else self._guarded(unit.items)
-        results = []  # a pack that killed its actor: one file at a time, so only the culprit fails
+        key = str(unit.id)
+        deaths, why, finished = self._start(key, unit.items[0])
+        try:
+            if deaths == 0:
+                return self._attempt(key, unit.items)
+            if len(unit.items) == 1:
+                give_up = deaths >= self.spec.max_attempts
+                return self._give_up(unit.items[0], deaths, why) if give_up else self._attempt(key, unit.items)
+            return self._one_by_one(unit, finished)
+        finally:
+            self._end(key)
+
+    def _one_by_one(self, unit: Unit, finished: dict[str, list[str]]) -> list[ItemResult]:
+        """A pack that ended its actor: one file at a time (whatever --max-attempts), so only the culprit fails."""
+        results = []
         for item in unit.items:
             key = f"{unit.id}/{item.key}"
             if key in finished:
                 results += [ItemResult.from_json(r) for r in finished[key]]
                 continue
-            tries, _ = self._start(key)
-            done = self._give_up(item, tries) if 1 + tries > self.spec.max_attempts else self._guarded([item])
+            deaths, why, _ = self._start(key, item)
+            done = self._give_up(item, deaths, why) if deaths >= self.spec.max_attempts else self._attempt(key, [item])
             if self.tracker is not None:
                 import ray
 
@@ -190,19 +299,38 @@ class PartLabeller:
             results += done
         return results
 
-    def _give_up(self, item: Item, deaths: int) -> list[ItemResult]:
+    def _give_up(self, item: Item, deaths: int, why: str | None = None) -> list[ItemResult]:
         where = f"rows {item.part.start}-{item.part.stop} of this file" if item.part else "this file"
+        if why:
+            return [_failed(item, f"{why}; {deaths} attempt(s): the read or the model hangs there? (see the Ray logs); "
+                                  "fix the file or raise --part-timeout, then rerun")]
         return [_failed(item, f"the predictor process died {deaths} times while labelling {where}: out of memory, or a "
                               "crash in the tokenizer or model? (see the Ray logs); raise --part-bytes headroom or "
                               "fix the file, then rerun")]
 
+    def _attempt(self, key: str, items: list[Item]) -> list[ItemResult]:
+        self._key, self._beaten = key, 0.0
+        return self._guarded(items)
+
+    def _beat(self, doing: str | None = None, force: bool = False) -> None:
+        """Tell the tracker this unit progresses, and what it does now (at most once a second unless ``force``;
+        never waits for an answer): what --part-timeout watches."""
+        self._doing = doing or self._doing
+        now = time.monotonic()
+        if self.tracker is not None and (force or now - self._beaten >= 1.0):
+            self._beaten = now
+            self.tracker.progress.remote(self._key, self._doing)
+
     def _guarded(self, items: list[Item]) -> list[ItemResult]:
-        """Label items; an unexpected error fails them (their outputs may be half written: not trusted)."""
+        """Label items; an unexpected error fails them (an output whose write had started may be written: not
+        trusted; a file with none keeps its old labels)."""
+        self.writing = set()
         try:
             return self._label(items)
         except Exception as exc:
             logger.exception("labelling %d file(s) failed", len(items))
-            return [dataclasses.replace(_failed(i, f"{type(exc).__name__}: {exc}"), maybe_written=True) for i in items]
+            return [dataclasses.replace(_failed(i, f"{type(exc).__name__}: {exc}"), maybe_written=i.key in self.writing)
+                    for i in items]
 
     # Reading: events of (output, rows), (output, end) and (item, error).
 
@@ -220,10 +348,15 @@ class PartLabeller:
         return [_Out(item, p, fingerprint, note, now) for p in parts]
 
     def _rows(self, parquet: pq.ParquetFile, out: _Out) -> Iterator[tuple[str, Any]]:
+        if not out.part.groups:  # a file of zero rows: its output has the columns, labels' too, and no rows
+            yield "rows", (out, pa.RecordBatch.from_pylist([], schema=parquet.schema_arrow))
+            return
         meta = parquet.metadata
         row = sum(meta.row_group(g).num_rows for g in range(out.part.groups[0]))
         for g in out.part.groups:
             group = meta.row_group(g)
+            if group.num_rows == 0:  # holds nothing (plan.split leaves such groups out; a part planned before may not)
+                continue
             size = max(1, min(WINDOW_ROWS, READ_BYTES * max(1, group.num_rows) // max(1, group.total_byte_size)))
             for batch in parquet.iter_batches(batch_size=size, row_groups=[g], use_threads=False):
                 lo, hi = max(out.part.start - row, 0), min(out.part.stop - row, batch.num_rows)
@@ -257,9 +390,7 @@ class PartLabeller:
                 yield "end", out
                 ended += 1
         except Exception as exc:  # this file fails, not the run; unless it was replaced during the read
-            changed = isinstance(exc, storage.VersionChanged) or "pre-conditions" in str(exc) \
-                or "PreconditionFailed" in repr(exc.__cause__)
-            changed = changed or (handle is not None and not storage.still_version(handle, item.fingerprint))
+            changed = _replaced(exc) or (handle is not None and not storage.still_version(handle, item.fingerprint))
             reason = str(exc) if isinstance(exc, storage.VersionChanged) else read_problem(exc)
             for out in outs[ended:] or [None]:
                 yield "error", out.result(error=reason[:2000], changed=changed) if out else _failed(item, reason, changed)
@@ -272,7 +403,11 @@ class PartLabeller:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             fetched = pool.map(self._fetch, whole)  # runs ahead: every small file of the pack in flight
             for item in items:
-                yield from self._read_item(item, next(fetched) if item.part is None else None)
+                for kind, value in self._read_item(item, next(fetched) if item.part is None else None):
+                    if kind == "rows":
+                        out, batch = value
+                        self._beat(f"reading {_rows_of(item, out.part.start, out.part.stop)}")
+                    yield kind, value
 
     def _fetch(self, item: Item) -> tuple[bytes, str] | Exception:
         try:
@@ -286,15 +421,37 @@ class PartLabeller:
         limit = WINDOW_TEXT_BYTES if self.long.chunked else None
         return windows_of(self._events(items), self.spec.text_column, WINDOW_ROWS, limit)
 
-    def _prepare(self, window: list[tuple[str, Any]]) -> tuple[list, predict.Prepared]:
-        """A window's rows tokenized (runs beside the model; files of one pack may type their text column
-        differently, so each piece is prepared alone)."""
-        pieces = [predict.prepare(self.spec.model, v[1].column(self.spec.text_column), self.spec.max_length, self.long)
-                  for k, v in window if k == "rows"]
+    def _prepare(self, window: list[tuple[str, Any]]) -> tuple[list, list[predict.Prepared]]:
+        """A window's rows tokenized (runs beside the model), each piece alone: files of one pack may type their
+        text column differently, and a piece that fails fails its output alone. The window comes back without
+        the rows of outputs that failed; the pieces follow its rows."""
+        kept, pieces = [], []
+        for kind, value in window:
+            if kind == "rows":
+                out, batch = value
+                if out.error:
+                    continue
+                try:
+                    column = batch.column(self.spec.text_column)
+                    self._crash_hook(column)
+                    pieces.append(predict.prepare(self.spec.model, column, self.spec.max_length, self.long))
+                except Exception as exc:
+                    logger.exception("preparing rows of %s failed", out.name)
+                    self._fail(out, f"could not prepare its rows: {type(exc).__name__}: {exc}")
+                    continue
+            kept.append((kind, value))
+        return kept, pieces
+
+    def _crash_hook(self, column: pa.Array) -> None:
         marker = self.spec.hooks.get("crash_on_text")
-        if marker and any(marker in str(x) for k, v in window if k == "rows" for x in v[1].column(self.spec.text_column).to_pylist()):
+        if marker and predict.is_text_type(column.type) and pc.any(
+                pc.match_substring(column.cast(pa.large_binary()), marker)).as_py():
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: an actor that dies on this part every time
-        return window, predict.Prepared.concat(pieces, self.long.chunked)
+
+    @staticmethod
+    def _fail(out: _Out, error: str) -> None:
+        """One output's rows could not be prepared or labelled: it fails (unwritten), and with it its file."""
+        out.error = out.error or error[:2000]
 
     def _label(self, items: list[Item]) -> list[ItemResult]:
         results: list[ItemResult] = []
@@ -324,6 +481,9 @@ class PartLabeller:
                     break
                 pending = ahead.submit(step)  # read and tokenize the next window while this one runs
                 self._apply(*prepared, results, writes, writer)
+                self._beat()
+            self._beat(f"writing the outputs of {_rows_of(items[-1]) if len(items) == 1 else f'{len(items)} files'}",
+                       force=True)
             results += [w.result() for w in writes]
         if results:
             now = self.predictor.stats
@@ -333,31 +493,70 @@ class PartLabeller:
             self.timings = Counter()
         return results
 
-    def _apply(self, window, prepared: predict.Prepared, results: list[ItemResult], writes: list[Future], writer) -> None:
-        scored = self.predictor.score(prepared) if len(prepared) else None
-        unsure = scored.abstentions(self.min_scores) if scored else []
-        columns = self.predictor.columns(prepared, scored, self.spec.label_prefix, unsure) if scored else {}
-        reasons = columns[self.spec.label_prefix + "skip_reason"].to_pylist() if scored else []  # low_confidence too
-        offset = 0
+    def _apply(self, window, pieces: list[predict.Prepared], results: list[ItemResult], writes: list[Future],
+               writer) -> None:
+        labelled = iter(self._labelled(pieces) if pieces else [])
         for kind, value in window:
             if kind == "error":
                 results.append(value)
             elif kind == "end":
-                writes.append(writer.submit(self._write, value))
+                self._output_done(value, results, writes, writer)
             else:
                 out, batch = value
-                n = batch.num_rows
-                table = pa.Table.from_batches([batch])
-                for name, column in columns.items():
-                    table = table.append_column(name, column.slice(offset, n))
-                read = [r is None for r in prepared.reasons[offset:offset + n]]
-                out.tables.append(table)
-                out.rows_in += n
-                out.skipped.update(r for r in reasons[offset:offset + n] if r is not None)
-                out.truncated += int(np.asarray(prepared.truncated[offset:offset + n])[read].sum())
-                if scored is not None and n:
-                    out.label_stats = drift.add(out.label_stats, self._stats(scored, unsure, offset, n))
-                offset += n
+                labels, offset = next(labelled)
+                if isinstance(labels, str):
+                    self._fail(out, f"could not label its rows: {labels}")
+                elif out.error is None:
+                    self._add(out, batch, labels, offset)
+
+    def _labels(self, prepared: predict.Prepared) -> _Labels:
+        scored = self.predictor.score(prepared)
+        unsure = scored.abstentions(self.min_scores)
+        columns = self.predictor.columns(prepared, scored, self.spec.label_prefix, unsure)
+        reasons = columns[self.spec.label_prefix + "skip_reason"].to_pylist()  # low_confidence too
+        return _Labels(prepared, scored, unsure, columns, reasons)
+
+    def _labelled(self, pieces: list[predict.Prepared]) -> list[tuple[_Labels | str, int]]:
+        """Per piece: the labels of its rows and its first row in them, or why it could not be labelled. The
+        window's pieces are labelled together (they share model batches); if that fails, each alone, so that
+        only the output whose rows fail fails."""
+        if len(pieces) > 1:
+            try:
+                together = self._labels(predict.Prepared.concat(pieces, self.long.chunked))
+                return [(together, int(s)) for s in np.cumsum([0] + [len(p) for p in pieces[:-1]])]
+            except Exception:
+                logger.exception("labelling a window of %d pieces failed; labelling each alone", len(pieces))
+        return [self._alone(p) for p in pieces]
+
+    def _alone(self, piece: predict.Prepared) -> tuple[_Labels | str, int]:
+        try:
+            return self._labels(piece), 0
+        except Exception as exc:
+            logger.exception("labelling %d rows failed", len(piece))
+            return f"{type(exc).__name__}: {exc}", 0
+
+    def _add(self, out: _Out, batch: pa.RecordBatch, labels: _Labels, offset: int) -> None:
+        """An output's batch of rows with their labels (from row ``offset`` of ``labels``), and its counts."""
+        n = batch.num_rows
+        table = pa.Table.from_batches([batch])
+        for name, column in labels.columns.items():
+            table = table.append_column(name, column.slice(offset, n))
+        read = [r is None for r in labels.prepared.reasons[offset:offset + n]]
+        out.tables.append(table)
+        out.rows_in += n
+        out.skipped.update(r for r in labels.reasons[offset:offset + n] if r is not None)
+        out.truncated += int(np.asarray(labels.prepared.truncated[offset:offset + n])[read].sum())
+        if n:
+            out.label_stats = drift.add(out.label_stats, self._stats(labels.scored, labels.unsure, offset, n))
+
+    def _output_done(self, out: _Out, results: list[ItemResult], writes: list[Future], writer) -> None:
+        """All of an output's rows are in: written, or failed unwritten."""
+        if out.error:
+            out.tables = []
+            results.append(out.result(error=out.error))
+            return
+        self.writing.add(out.item.key)
+        writes.append(writer.submit(self._write, out))
 
     def _stats(self, scored: predict.Scored, unsure: list[np.ndarray], offset: int, n: int) -> list[dict]:
         """Per task, drift's figures of rows offset..offset+n of a window (its scored rows)."""

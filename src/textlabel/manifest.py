@@ -4,13 +4,20 @@ It lives under ``OUTPUT/_manifest/`` as Parquet (records.RECORD_SCHEMA, one row 
 file) and is the source of truth for incremental runs. Its cost follows the night, not the
 history:
 
-- ``snapshot-E.parquet``: every record as of the end of run epoch E (a compact, columnar,
-  dictionary-encoded table: ~40 bytes a record on disk);
-- ``segment-E-SEQ.parquet``: the records one commit of run epoch E wrote (commit.py batches
-  them); at the end of a run its segments are merged into ``segment-E-merged.parquet``.
+- ``snapshot-E-RUN.parquet``: every record as of the end of run epoch E (a compact, columnar,
+  dictionary-encoded table: about 60 bytes a record on disk, benchmarks/nightly_scale.py);
+- ``segment-E-SEQ-RUN.parquet``: the records one commit of run epoch E wrote (commit.py
+  batches them); at the end of a run its segments are merged into ``segment-E-merged-RUN.parquet``.
+
+RUN is the run's id: two runs that start from one epoch (one of them fenced out by the
+lease but not yet aware of it) never write the same name. Names written before runs were
+named in them have no ``-RUN`` and are read as ever.
 
 Each run takes the epoch after the highest it finds. Loading reads the newest snapshot and
-applies every segment of a later epoch in name order (a later record of an input wins).
+applies every segment of a later epoch in name order (a later record of an input wins); a
+snapshot of epoch E supersedes every segment of epoch E, which it either read or must not
+trust (a fenced-out run's). Every night reads exactly that: the newest snapshot and the
+segments after it.
 When the segments hold more than a quarter of the snapshot's records (or there are more
 than MAX_SEGMENTS of them), the run's end compacts them into a new snapshot and deletes
 what it replaces: a night that labels N files writes O(N) bytes, amortised; a night with
@@ -42,7 +49,9 @@ FORMAT = 2
 FOLDER = "_manifest"
 LEGACY = "_manifest.json"  # format 1
 MAX_SEGMENTS = 64
-_NAME = re.compile(r"^(snapshot|segment)-(\d{10})(?:-(\d{6}|merged))?\.parquet$")
+# The run's id closes a name (older manifests' names have none): two runs that start from one epoch never
+# write the same name, even when one of them no longer holds the lease and does not know it yet.
+_NAME = re.compile(r"^(snapshot|segment)-(\d{10})(?:-(\d{6}|merged))?(?:-([0-9A-Za-z]+-[0-9a-f]+))?\.parquet$")
 
 
 def _to_parquet(table: pa.Table, meta: dict[str, str]) -> pa.Buffer:
@@ -89,6 +98,8 @@ class Manifest:
     segment_rows: int = 0  # records in segments after the snapshot
     legacy: list[str] = field(default_factory=list)  # format-1 files, deleted once migrated
     updates: dict[str, FileRecord] = field(default_factory=dict)  # committed by this run
+    run: str = ""  # this run's id, in the name of every file it writes
+    written: list[str] = field(default_factory=list)  # this run's segments
 
     @property
     def found(self) -> bool:
@@ -172,11 +183,15 @@ class Manifest:
     def _meta(self) -> dict[str, str]:
         return {"textlabel.manifest_format": str(FORMAT), "textlabel.input": self.input or ""}
 
+    def _name(self, kind: str, epoch: int, seq: str | None = None) -> str:
+        return f"{kind}-{epoch:010d}" + (f"-{seq}" if seq else "") + (f"-{self.run}" if self.run else "") + ".parquet"
+
     def write_segment(self, records: list[FileRecord], seq: int) -> None:
         """One atomic write of some records (commit.py calls this from its thread)."""
-        name = f"segment-{self.epoch:010d}-{seq:06d}.parquet"
+        name = self._name("segment", self.epoch, f"{seq:06d}")
         storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(records_table(records), self._meta()))
         self.files.append(name)
+        self.written.append(name)
         for r in records:
             self.updates[r.input] = r
 
@@ -186,7 +201,7 @@ class Manifest:
         if self.files and not self.legacy:
             return
         self.input = self.input or input_url
-        name = f"snapshot-{self.epoch - 1:010d}.parquet"
+        name = self._name("snapshot", self.epoch - 1)
         storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(self.state, self._meta()))
         self.files.append(name)
         self.snapshot_epoch, self.snapshot_rows = self.epoch - 1, self.state.num_rows
@@ -196,19 +211,20 @@ class Manifest:
     def finish(self, compact: bool = False) -> str | None:
         """End of a run: compact into a new snapshot when the segments have grown (or ``compact``), else merge
         this run's segments into one. Returns what was done ("compacted", "merged") or None."""
-        mine = [n for n in self.files if n.startswith(f"segment-{self.epoch:010d}-")]
+        mine = list(self.written)
         grown = self.segment_rows + len(self.updates) > self.snapshot_rows // 4
         if mine and (compact or grown or len([n for n in self.files if n.startswith("segment-")]) > MAX_SEGMENTS):
-            name = f"snapshot-{self.epoch:010d}.parquet"
+            name = self._name("snapshot", self.epoch)
             storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(self.current(), self._meta()))
             storage.delete_many(self.out.fs, [self.out.join(FOLDER, n).path for n in self.files if n != name])
-            self.files = [name]
+            self.files, self.written = [name], []
             return "compacted"
         if len(mine) > 1:
             merged = records_table(list(self.updates.values()))
-            name = f"segment-{self.epoch:010d}-merged.parquet"
+            name = self._name("segment", self.epoch, "merged")
             storage.write_bytes(self.out.join(FOLDER, name), _to_parquet(merged, self._meta()))
             storage.delete_many(self.out.fs, [self.out.join(FOLDER, n).path for n in mine])
             self.files = [n for n in self.files if n not in mine] + [name]
+            self.written = [name]
             return "merged"
         return None

@@ -8,8 +8,10 @@ fetched once per machine into a local cache.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 from textlabel import family as family_lib
 from textlabel import storage
 from textlabel.multitask import TASKS_FILE, is_multitask, load_multitask
+from textlabel.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +49,46 @@ def describe(model: str | None) -> str:
     return model or PACKAGED_MODEL_NAME
 
 
-def identity(model: str | None) -> str:
-    """Which model labelled a file, as recorded in the labelling manifest: its name and weights' version.
+# A model's identity hashes what decides its labels, not where it lies: its weights, its config (labels
+# included) and a multi-task model's tasks, its tokenizer's files, and its calibrated temperatures.
+_CONFIG_FILES = ("config.json", TASKS_FILE)
+_TOKENIZER_FILE = re.compile(r"tokenizer.*\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|merges\.txt"
+                             r"|.*\.model")
+# Keys of a saved JSON file that say where it was loaded from or what saved it, not what it does.
+_SAVED_WITH = {"transformers_version", "_name_or_path", "name_or_path", "is_local", "local_files_only", "_commit_hash"}
+_CONTENT_ID = re.compile(r"sha256:[0-9a-f]{16} \(")  # an identity of today's form (an older one began with a path)
 
-    Retrained weights under the same path get a new identity (S3 ETag, or size and mtime).
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _content(name: str, data: bytes) -> str:
+    """A file's hash; a JSON object's without the keys that only say where it was saved from, or by what."""
+    try:
+        doc = json.loads(data) if name.endswith(".json") else None
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        data = json.dumps({k: v for k, v in doc.items() if k not in _SAVED_WITH}, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def identity(model: str | None) -> str:
+    """Which model labelled a file, as the manifest's records and each output's metadata name it: a hash of what
+    decides its labels, not of where it lies, so the same model moved, copied or registered again is the same
+    model, and a changed label map, tokenizer or temperature is another. Readable, e.g.
+    ``sha256:9c1e5f0a2b3d4c6e (config 8d2e41a0, tokenizer 5b7c9e12, temperature 1.37) [model.safetensors
+    sha256:a41b07c3d9e2f615]``. A weights file is known by its sha256 on disk and by its ETag on S3 (the store's
+    own hash: gigabytes are not downloaded to be hashed), so weights on disk and the same on S3 differ.
     """
     model = _readable(model)
     if model is None:
@@ -60,22 +99,44 @@ def identity(model: str | None) -> str:
     if not storage.is_remote(model) and not os.path.isdir(local):
         return model  # a hub id
     loc = storage.resolve(model)
-    weights = [f for f in storage.list_versions(loc, ".safetensors") if "/" not in f["path"][len(loc.path):].strip("/")]
-    if not storage.is_remote(model):  # a content hash: a copied or redeployed model is the same model
-        for f in weights:
-            digest = hashlib.sha256()
-            with open(f["path"], "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 22), b""):
-                    digest.update(chunk)
-            f["fingerprint"] = "sha256:" + digest.hexdigest()[:16]
-    return f"{model} [" + ", ".join(f"{f['path'].rsplit('/', 1)[-1]} {f['fingerprint']}" for f in weights) + "]"
+    files = {f["path"].rsplit("/", 1)[-1]: f for f in storage.list_versions(loc, "")
+             if "/" not in f["path"][len(loc.path):].strip("/")}
+    weights = [(n, f["fingerprint"] if storage.is_remote(model) else "sha256:" + _file_sha256(f["path"])[:16])
+               for n, f in sorted(files.items()) if n.endswith(".safetensors")]
+    hashed = {n: _content(n, storage.read_bytes(loc.join(n))) for n in sorted(files)
+              if n in _CONFIG_FILES or _TOKENIZER_FILE.fullmatch(n)}
+    config = _digest([(n, h) for n, h in hashed.items() if n in _CONFIG_FILES])
+    tokenizer = _digest([(n, h) for n, h in hashed.items() if n not in _CONFIG_FILES])
+    temperatures = _saved_temperatures(model, loc) if CALIBRATION_FILE in files else []
+    calibration = "temperature " + "/".join(f"{t:.4g}" for t in temperatures) if temperatures else "uncalibrated"
+    return (f"sha256:{_digest(weights, config, tokenizer, temperatures)[:16]} (config {config[:8]}, tokenizer "
+            f"{tokenizer[:8]}, {calibration}) [" + ", ".join(f"{n} {fp}" for n, fp in weights) + "]")
+
+
+def _saved_temperatures(model: str, loc: storage.Location) -> list[float]:
+    try:
+        return [float(t["temperature"]) for t in json.loads(storage.read_bytes(loc.join(CALIBRATION_FILE)))["tasks"]]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"--model {redact(model)}: its {CALIBRATION_FILE} cannot be read ({exc!r}); delete it to label "
+                         "with uncalibrated scores") from None
+
+
+def same_model(recorded: str, current: str) -> bool:
+    """Whether a model identity recorded in the manifest or an output's metadata names the model ``current``
+    (identity) does. One recorded before identities were content (``PATH [weights]``: path and weights only) is
+    taken for the same model when its weights are the same: it says nothing of the rest."""
+    if recorded == current:
+        return True
+    if _CONTENT_ID.match(recorded) or not recorded.endswith("]") or " [" not in recorded or " [" not in current:
+        return False
+    return recorded[recorded.rindex(" ["):] == current[current.rindex(" ["):]
 
 
 def _check_names(url: str, names: list[str]) -> None:
     if "config.json" not in names:
-        raise ModelError(f"--model {url}: no config.json; point --model at a Hugging Face model directory (train's OUTPUT/model)")
+        raise ModelError(f"--model {redact(url)}: no config.json; point --model at a Hugging Face model directory (train's OUTPUT/model)")
     if not any(n.endswith(".safetensors") for n in names):
-        raise ModelError(f"--model {url}: no *.safetensors weights; only safetensors models are loaded")
+        raise ModelError(f"--model {redact(url)}: no *.safetensors weights; only safetensors models are loaded")
 
 
 def _remote_files(url: str) -> list:
@@ -124,7 +185,7 @@ def _fetch_remote(url: str) -> str:
     except OSError:  # another process won the race: its copy is as good as ours
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    logger.info("fetched %s into %s", url, target)
+    logger.info("fetched %s into %s", redact(url), target)
     return str(target)
 
 
@@ -155,7 +216,7 @@ def _fetch_served(source: str) -> str:
     except OSError:  # another process on this node won the race: its copy is the same version
         pass
     shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("fetched %s into %s", source, target)
+    logger.info("fetched %s into %s", redact(source), target)  # (an actor's line: no driver filter)
     return str(target)
 
 
@@ -173,7 +234,7 @@ def local_model_dir(model: str | None) -> str:
     if os.path.isdir(local):
         return local
     if os.path.exists(local) or local.startswith((".", "/", "~")):
-        raise ModelError(f"--model {model}: not a model directory")
+        raise ModelError(f"--model {redact(model)}: not a model directory")
     return model  # a hub id, fetched by transformers
 
 
@@ -184,8 +245,8 @@ def load_config(model_dir: str):
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"--model {model_dir}: its config.json cannot be read ({exc}); point --model at a Hugging Face "
-                         "model directory or hub id") from None
+        raise ModelError(f"--model {redact(model_dir)}: its config.json cannot be read ({redact(str(exc))}); point "
+                         "--model at a Hugging Face model directory or hub id") from None
 
 
 def config_of(model: str | None):
@@ -196,7 +257,7 @@ def config_of(model: str | None):
 
         found = storage.read_json(storage.resolve(model).join("config.json"))
         if "model_type" not in found:
-            raise ModelError(f"--model {model}: config.json has no model_type; save the model with save_pretrained")
+            raise ModelError(f"--model {redact(model)}: config.json has no model_type; save the model with save_pretrained")
         return AutoConfig.for_model(found.pop("model_type"), **found)
     return load_config(local_model_dir(model))
 
@@ -212,7 +273,7 @@ def check(model: str | None, max_length: int):
         raise ModelError(found[0])
     if model and storage.is_remote(model):  # its file names, not the files: the weights are not fetched here
         if not any(f.base_name in TOKENIZER_FILES or f.base_name.endswith(".model") for f in _remote_files(model)):
-            raise ModelError(_NO_TOKENIZER.format(model=model))
+            raise ModelError(_NO_TOKENIZER.format(model=redact(model)))
     else:
         load_tokenizer(local_model_dir(model))
     return config
@@ -226,21 +287,21 @@ def load_tokenizer(model_dir: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelError(f"--model {model_dir}: its tokenizer cannot be loaded ({str(exc).splitlines()[0]}); save the "
-                         "tokenizer beside the weights (tokenizer.save_pretrained(DIR)) or point --model at a model "
-                         "that has one") from None
+        raise ModelError(f"--model {redact(model_dir)}: its tokenizer cannot be loaded ({redact(str(exc).splitlines()[0])}); "
+                         "save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)) or point --model at a "
+                         "model that has one") from None
     config = load_config(model_dir)
     # transformers builds an empty tokenizer from a directory without tokenizer files, rather than failing.
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
-        raise ModelError(_NO_TOKENIZER.format(model=model_dir))
+        raise ModelError(_NO_TOKENIZER.format(model=redact(model_dir)))
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
-        raise ModelError(f"--model {model_dir}: its tokenizer has {len(tokenizer)} tokens but the model embeds {vocab}: "
+        raise ModelError(f"--model {redact(model_dir)}: its tokenizer has {len(tokenizer)} tokens but the model embeds {vocab}: "
                          "it is not this model's tokenizer; save the matching one beside the weights")
     try:
         return family_lib.fit_tokenizer(tokenizer, config)
     except family_lib.FamilyError as exc:
-        raise ModelError(f"--model {model_dir}: {exc}") from None
+        raise ModelError(f"--model {redact(model_dir)}: {redact(str(exc))}") from None
 
 
 def no_bars() -> None:

@@ -16,20 +16,20 @@ unit-tested in milliseconds, at any scale.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from textlabel.records import Status, vouched
+from textlabel.predict import is_text_type
+from textlabel.records import ESCAPED, FileRecord, Status, owner, part_name, vouched
 
 PACK_FILE_BYTES = 16 << 20  # a file up to this size is read whole and packed with others
 PACK_BYTES = 64 << 20  # most bytes of files in one pack
 PACK_FILES = 1000  # most files in one pack
 UNITS_PER_ACTOR = 4  # packs are made small enough to give every actor a few
-_PART = re.compile(r"^(.*)\.part-\d{5}\.parquet$")
+_ESCAPED_INPUT = ESCAPED + r"\.parquet$"  # an input records.part_name escapes (RE2: $ ends the text)
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,50 @@ def select(listing: pa.Table, state: pa.Table, relabel: bool = False, present: p
     return Selection(pending, pc.sum(unchanged).as_py() or 0, gone, lost, orphans)
 
 
-def collisions(pending: list[Listed], listed_inputs: pa.Array) -> dict[str, str]:
-    """Inputs named like another input's part (``a.part-00000.parquet`` beside ``a.parquet``): their output
-    names could collide, so they fail with what to do."""
-    named = [(f.input, m.group(1) + ".parquet") for f in pending if (m := _PART.match(f.input))]
-    if not named:
+@dataclass(frozen=True)
+class Misnamed:
+    """A record whose outputs are not under the names records.part_name gives them: an older textlabel named an
+    input's only output after the input, so a.part-00000.parquet's took the name of a.parquet's first part."""
+
+    record: FileRecord
+    names: tuple[str, ...]  # its outputs' names now, in part order
+
+
+def misnamed(state: pa.Table) -> list[Misnamed]:
+    """The records with an output under a name that is another input's (records.owner). Only an input named
+    like a part can have one, so the others are passed over in Arrow."""
+    if not state.num_rows:
+        return []
+    found = []
+    for row in state.filter(pc.match_substring_regex(state["input"], _ESCAPED_INPUT)).to_pylist():
+        record = FileRecord.from_row(row)
+        if any(owner(o) not in (None, record.input) for o in record.outputs):
+            n = len(record.outputs)
+            found.append(Misnamed(record, tuple(part_name(record.input, k, n) for k in range(n))))
+    return found
+
+
+def holders(state: pa.Table, names: list[str]) -> dict[str, list[FileRecord]]:
+    """The records (of any status) that list each of ``names`` among their outputs."""
+    if not names or not state.num_rows:
         return {}
-    taken = pc.is_in(pa.array([base for _, base in named], pa.string()), value_set=listed_inputs).to_pylist()
-    return {name: f"its output name could be a part of {base}'s output; rename it" for (name, base), t in zip(named, taken) if t}
+    outputs = state["outputs"].combine_chunks()
+    hit = pc.is_in(pc.list_flatten(outputs), value_set=pa.array(names, pa.string()))
+    found: dict[str, list[FileRecord]] = {}
+    for row in state.take(pc.unique(pc.list_parent_indices(outputs).filter(hit))).to_pylist():
+        record = FileRecord.from_row(row)
+        for name in set(record.outputs) & set(names):
+            found.setdefault(name, []).append(record)
+    return found
+
+
+def collisions(pending: list[Listed], taken: list[str]) -> dict[str, str]:
+    """A defence: the pending inputs that own (records.owner) a name another input's record still vouches for,
+    under the name an older textlabel gave it, wait until those labels have moved (sweep.move_misnamed)."""
+    owners = {owner(name): name for name in taken}
+    return {f.input: f"its output name {owners[f.input]} still holds another input's labels under the name an older "
+            "textlabel gave them; they move to a name of their own first, and this file is labelled on the next run"
+            for f in pending if f.input in owners}
 
 
 @dataclass(frozen=True)
@@ -132,6 +168,7 @@ class Footer:
 
     columns: tuple[str, ...]
     groups: tuple[tuple[int, int], ...]  # (rows, uncompressed bytes) per row group
+    types: tuple[pa.DataType, ...] = ()  # each column's Arrow type (empty: not known)
 
     @property
     def rows(self) -> int:
@@ -141,15 +178,17 @@ class Footer:
     def of(cls, meta) -> "Footer":
         """From a pyarrow.parquet.FileMetaData."""
         groups = tuple((meta.row_group(i).num_rows, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups))
-        return cls(tuple(meta.schema.to_arrow_schema().names), groups)
+        schema = meta.schema.to_arrow_schema()
+        return cls(tuple(schema.names), groups, tuple(schema.types))
 
 
 def check_footer(footer: Footer, text_column: str, added: list[str]) -> str | None:
-    """Why a file cannot be labelled, from its footer alone, or None."""
+    """Why a file cannot be labelled, from its footer alone, or None. A file of zero rows can: its output is empty."""
     if text_column not in footer.columns:
         return f"no column {text_column!r} (columns: {', '.join(footer.columns)}); pass --text-column"
-    if footer.rows == 0:
-        return "zero rows: nothing to label (an empty export upstream?)"
+    kind = footer.types[footer.columns.index(text_column)] if footer.types else pa.string()
+    if not (is_text_type(kind) or pa.types.is_null(kind)):  # a null column: every row null_text
+        return f"column {text_column!r} is {kind}, not text (string or binary); pass --text-column naming a text column"
     clash = [c for c in added if c in footer.columns]
     if clash:
         return f"already has column(s) {', '.join(clash)}; pass --label-prefix (e.g. pred_)"
@@ -187,11 +226,14 @@ class PartSpec:
 
 
 def split(footer: Footer, most_rows: int, most_bytes: int) -> list[PartSpec]:
-    """Cut a file into parts of at most ``most_rows`` rows and about ``most_bytes`` uncompressed bytes."""
+    """Cut a file into parts of at most ``most_rows`` rows and about ``most_bytes`` uncompressed bytes. Row groups
+    of zero rows are in no part; a file of zero rows is one part of none (its output: the columns, no rows)."""
     spans: list[tuple[int, int, list[int]]] = []  # (start, stop, groups)
     current: list[int] = []
     start = row = size = 0
     for g, (n, b) in enumerate(footer.groups):
+        if n == 0:
+            continue
         if current and (row + n - start > most_rows or size + b > most_bytes):
             spans.append((start, row, current))
             current, start, size = [], row, 0
@@ -203,7 +245,7 @@ def split(footer: Footer, most_rows: int, most_bytes: int) -> list[PartSpec]:
             current.append(g)
             size += b
         row += n
-    if current:
+    if current or not spans:
         spans.append((start, row, current))
     return [PartSpec(k, len(spans), a, z, tuple(gs)) for k, (a, z, gs) in enumerate(spans)]
 

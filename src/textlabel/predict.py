@@ -3,6 +3,7 @@
 - ``prepare``: a text column to the token windows the model scores (one per row, or with
   ``--long-texts chunk`` several overlapping ones for a long row: chunking.py), truncation
   flags and skip reasons (rows that cannot be labelled keep a reason instead of a label).
+  A cell is read in bytes, at most ``read_cap`` of them, before it becomes a Python string.
 - ``token_batches``: rows sorted by length and cut into batches of at most
   ``max_tokens`` padded tokens (rows x longest row) and ``max_rows`` rows: one budget gives
   small batches of long rows and large batches of short ones, and bounds memory.
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from textlabel import calibration, chunking
 from textlabel import model as model_lib
@@ -42,7 +44,7 @@ SKIP_REASONS = {
     "null_text": "the text is null",
     "blank_text": "the text is empty or only whitespace",
     "not_text": "the text column holds non-text values (numbers, lists, ...)",
-    "invalid_utf8": "the text is bytes that are not valid UTF-8",
+    "invalid_utf8": "the text's bytes (a string or a binary cell) are not valid UTF-8",
     "low_confidence": "its top score is under --min-score (the score is kept; the label is left to a person)",
 }
 # Texts are cut at this many characters per allowed token before tokenizing, so a 10 MB row
@@ -70,32 +72,59 @@ def tokenizer_for(model: str | None):
     return model_lib.load_tokenizer(model_lib.local_model_dir(model))
 
 
-def _text(value) -> tuple[str | None, str | None]:
-    """A cell as text, or None and why it cannot be labelled."""
-    if value is None:
-        return None, "null_text"
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "invalid_utf8"
-    if not isinstance(value, str):
-        return None, "not_text"
-    return (None, "blank_text") if not value.strip() else (value, None)
-
-
-def texts_of(column: pa.ChunkedArray | pa.Array) -> tuple[list[str | None], list[str | None]]:
-    """The text of each row, or None with the reason it cannot be labelled (SKIP_REASONS)."""
-    kind = column.type
+def is_text_type(kind: pa.DataType) -> bool:
+    """Whether a column of this Arrow type holds text: strings or bytes (UTF-8 expected), or a dictionary of them."""
     if pa.types.is_dictionary(kind):
-        column, kind = column.cast(kind.value_type), kind.value_type
-    textual = any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
-                                            pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
-    values = column.to_pylist()
-    if not textual:  # numbers, lists, ...: nothing here is text
-        return [None] * len(values), ["null_text" if v is None else "not_text" for v in values]
-    pairs = [_text(v) for v in values]
-    return [t for t, _ in pairs], [r for _, r in pairs]
+        kind = kind.value_type
+    return any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view,
+                                         pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view))
+
+
+def _invalid_utf8(cells: pa.Array) -> np.ndarray:
+    """Which cells (large_binary) are not valid UTF-8, checked by Arrow without making Python objects: a valid
+    column (the usual case) in one pass, else cell by cell."""
+    bad = np.zeros(len(cells), dtype=bool)
+    try:
+        cells.view(pa.large_string()).validate(full=True)
+        return bad
+    except pa.ArrowInvalid:
+        pass
+    for i in range(len(cells)):
+        try:
+            cells.slice(i, 1).view(pa.large_string()).validate(full=True)
+        except pa.ArrowInvalid:
+            bad[i] = True
+    return bad
+
+
+def texts_of(column: pa.ChunkedArray | pa.Array, cap: int | None = None
+             ) -> tuple[list[str | None], list[str | None], np.ndarray]:
+    """The text of each row, or None with the reason it cannot be labelled (SKIP_REASONS); and how many of its
+    bytes were not read. A cell is cut to its first ``cap`` bytes before it becomes a Python string, so a 1 GB
+    cell costs no more than a short one; it is checked for valid UTF-8 whole, by Arrow, string or binary alike
+    (Parquet readers do not check a string column's bytes)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    unread = np.zeros(len(column), dtype=np.int64)
+    if not is_text_type(column.type):  # numbers, lists, ...: nothing here is text
+        return [None] * len(column), ["null_text" if n else "not_text" for n in column.is_null().to_pylist()], unread
+    cells = column.cast(pa.large_binary())
+    bad = _invalid_utf8(cells)
+    if cap is not None:
+        unread = np.maximum(pc.binary_length(cells).fill_null(0).to_numpy() - cap, 0)
+        cells = pc.binary_slice(cells, 0, cap)
+    texts: list[str | None] = []
+    reasons: list[str | None] = []
+    for cell, invalid, more in zip(cells.to_pylist(), bad, unread):
+        # The whole cell is valid UTF-8: "ignore" drops at most the one character the cap cut in two.
+        text = None if cell is None or invalid else cell.decode("utf-8", "ignore")
+        blank = text is not None and not more and not text.strip()
+        reason = "null_text" if cell is None else "invalid_utf8" if invalid else "blank_text" if blank else None
+        texts.append(None if reason else text)
+        reasons.append(reason)
+    return texts, reasons, unread
 
 
 @dataclass
@@ -128,10 +157,22 @@ class Prepared:
                    joined("truncated"), [r for p in pieces for r in p.reasons], joined("chunks"), joined("dropped"), chunked)
 
 
-def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tuple[list[list[int] | None], np.ndarray]:
-    """Token ids (unpadded, at most max_length) per text, None for None; and which rows were truncated."""
+def read_cap(model: str | None, max_length: int, long: LongTexts | None = None) -> int:
+    """Characters of a text worth reading (prepare reads no more bytes of a cell): CHARS_PER_TOKEN_CAP a token
+    of one window, or with --long-texts chunk of the --max-chunks windows."""
+    if long is None or not long.chunked:
+        return CHARS_PER_TOKEN_CAP * max_length
+    head, tail = specials(model)
+    body = max_length - len(head) - len(tail)
+    return CHARS_PER_TOKEN_CAP * chunking.covered(body, long.overlap_for(max_length), long.max_chunks)
+
+
+def tokenize(model: str | None, texts: list[str | None], max_length: int, unread: np.ndarray | None = None
+             ) -> tuple[list[list[int] | None], np.ndarray]:
+    """Token ids (unpadded, at most max_length) per text, None for None; and which rows were truncated
+    (``unread``: bytes per row already cut off before, texts_of)."""
     tok = tokenizer_for(model)
-    cap = CHARS_PER_TOKEN_CAP * max_length
+    cap = read_cap(model, max_length)
     keep = [i for i, t in enumerate(texts) if t is not None]
     cut = [texts[i][:cap] for i in keep]
     plain = {"padding": False, "return_attention_mask": False, "return_token_type_ids": False}
@@ -147,6 +188,8 @@ def tokenize(model: str | None, texts: list[str | None], max_length: int) -> tup
         out[i] = ids[k]
     truncated[[keep[k] for k in long]] = True
     truncated[[i for i in keep if len(texts[i]) > cap]] = True
+    if unread is not None:
+        truncated |= unread > 0
     return out, truncated
 
 
@@ -160,12 +203,13 @@ def specials(model: str | None) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(bare):]
 
 
-def chunk(model: str | None, texts: list[str | None], max_length: int, long: LongTexts) -> Prepared:
-    """Texts as overlapping windows of at most ``max_length`` tokens (chunking.spans), at most ``long.max_chunks`` each."""
+def chunk(model: str | None, texts: list[str | None], max_length: int, long: LongTexts,
+          unread: np.ndarray | None = None) -> Prepared:
+    """Texts as overlapping windows of at most ``max_length`` tokens (chunking.spans), at most ``long.max_chunks`` each
+    (``unread``: bytes per row already cut off before, texts_of)."""
     head, tail = specials(model)
     body, overlap = max_length - len(head) - len(tail), long.overlap_for(max_length)
-    # Read no more characters than max_chunks windows could use, at CHARS_PER_TOKEN_CAP characters a token.
-    cap = CHARS_PER_TOKEN_CAP * chunking.covered(body, overlap, long.max_chunks)
+    cap = read_cap(model, max_length, long)  # no more characters than max_chunks windows could use
     keep = [i for i, t in enumerate(texts) if t is not None]
     plain = {"add_special_tokens": False, "padding": False, "return_attention_mask": False, "return_token_type_ids": False,
              "verbose": False}  # no "longer than the model's maximum" warning: the windows are cut below
@@ -174,23 +218,23 @@ def chunk(model: str | None, texts: list[str | None], max_length: int, long: Lon
     chunks, dropped, truncated = (np.zeros(len(texts), dtype=np.int64) for _ in range(3))
     for i, row in zip(keep, ids):
         cut, lost = chunking.spans(len(row), body, overlap, long.max_chunks)
-        unread = len(texts[i]) > cap
-        if unread:  # the windows the unread characters would have made, at this text's rate
-            lost += math.ceil((len(texts[i]) - cap) * len(row) / cap / (body - overlap))
+        left = max(len(texts[i]) - cap, 0) + (int(unread[i]) if unread is not None else 0)
+        if left:  # the windows the unread characters would have made, at this text's rate
+            lost += math.ceil(left * len(row) / max(1, min(len(texts[i]), cap)) / (body - overlap))
         windows += [head + row[a:b] + tail for a, b in cut]
         owner += [i] * len(cut)
-        chunks[i], dropped[i], truncated[i] = len(cut), lost, lost > 0 or unread
+        chunks[i], dropped[i], truncated[i] = len(cut), lost, lost > 0 or left > 0
     return Prepared(windows, np.array(owner, dtype=np.int64), truncated.astype(bool), [], chunks, dropped, True)
 
 
 def prepare(model: str | None, column: pa.ChunkedArray | pa.Array, max_length: int, long: LongTexts | None = None) -> Prepared:
-    """A text column, tokenized into the windows the model scores."""
-    texts, reasons = texts_of(column)
+    """A text column, tokenized into the windows the model scores (no more of a cell read than read_cap)."""
+    texts, reasons, unread = texts_of(column, read_cap(model, max_length, long))
     if long is not None and long.chunked:
-        prepared = chunk(model, texts, max_length, long)
+        prepared = chunk(model, texts, max_length, long, unread)
         prepared.reasons = reasons
         return prepared
-    tokens, truncated = tokenize(model, texts, max_length)
+    tokens, truncated = tokenize(model, texts, max_length, unread)
     owner = np.array([i for i, t in enumerate(tokens) if t is not None], dtype=np.int64)
     chunks = np.array([t is not None for t in tokens], dtype=np.int64)
     return Prepared([t for t in tokens if t is not None], owner, truncated, reasons, chunks, np.zeros(len(tokens), np.int64))

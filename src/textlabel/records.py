@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
@@ -32,11 +33,43 @@ VOUCHING = (Status.DONE.value, Status.STALE.value)
 OUTPUT_META = "textlabel."  # prefix of the keys an output file's Parquet metadata records its labelling under
 
 
+# Output names. An input's output has the input's name, or NAME.part-00001.parquet for each part of an input cut
+# into parts. An input whose name already ends like a part's, or like such a name escaped (".part-" and digits,
+# then any "~"), gets one more "~" before ".parquet" first: a.part-00000.parquet -> a.part-00000~.parquet. So no
+# two inputs can give one output name, whatever the inputs and whichever came first: an unescaped stem never ends
+# like a part, an escaped one always ends in "~", and dropping that "~" gives the input back (``owner``).
+_SUFFIX = ".parquet"
+ESCAPED = r"\.part-[0-9]+~*"  # an input whose stem ends like this (a part's, or one escaped) is escaped
+_PARTLIKE = re.compile(ESCAPED + r"\Z")  # \Z, not $: a key may end in a newline
+_PART = re.compile(r"(.*)\.part-([0-9]{5,})", re.DOTALL)
+
+
 def part_name(rel: str, part: int, parts: int) -> str:
-    """The output file of one part: the input's own name, or NAME.part-00001.parquet when split."""
-    if parts == 1:
-        return rel
-    return f"{rel[: -len('.parquet')]}.part-{part:05d}.parquet"
+    """The output file of part ``part`` of ``parts`` of input ``rel`` (an input's outputs are named after it,
+    escaped when it looks like a part: see above)."""
+    stem = rel[: -len(_SUFFIX)]
+    stem += "~" if _PARTLIKE.search(stem) else ""
+    return stem + _SUFFIX if parts == 1 else f"{stem}.part-{part:05d}{_SUFFIX}"
+
+
+def _unescaped(stem: str) -> str | None:
+    """The input whose outputs' stem ``stem`` is, or None when part_name gives no input that stem."""
+    if not _PARTLIKE.search(stem):
+        return stem + _SUFFIX
+    return stem[:-1] + _SUFFIX if stem.endswith("~") else None
+
+
+def owner(name: str) -> str | None:
+    """The input whose output (or part of one) is named ``name``, or None when no input's can be: part_name's
+    inverse."""
+    if not name.endswith(_SUFFIX):
+        return None
+    stem = name[: -len(_SUFFIX)]
+    found = _unescaped(stem)
+    part = _PART.fullmatch(stem) if found is None else None
+    if part and (len(part.group(2)) == 5 or part.group(2)[0] != "0"):  # as {:05d} writes a number
+        found = _unescaped(part.group(1))
+    return found
 
 
 def now() -> str:

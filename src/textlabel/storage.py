@@ -18,11 +18,40 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from textlabel.redact import redact
+
 logger = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """A URL that cannot be read or written, with the reason and what to check."""
+
+
+class StorageUnavailable(StorageError):
+    """The object store did not answer, or kept answering "try later" (5xx, throttling), after its client's
+    retries: nothing is wrong with the options, so a rerun of the same command is the fix."""
+
+
+# What botocore and s3fs say when the store, not the request, is the problem.
+_TRANSIENT = ("Could not connect", "EndpointConnection", "ConnectTimeout", "ReadTimeout", "ConnectionClosed",
+              "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl", "(500)", "(502)",
+              "(503)", "(504)", "BadGateway", "GatewayTimeout", "ServerDisconnected", "Connection reset",
+              "Connection refused")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one it was raised from) is the store being unavailable rather than a bad request."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageUnavailable):
+            return True
+        if not isinstance(exc, StorageError):
+            text = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, (ConnectionError, TimeoutError)) or any(t in text for t in _TRANSIENT):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -87,11 +116,11 @@ def resolve(url: str) -> Location:
 
         path = url[len("s3://"):].rstrip("/")
         if not path:
-            raise StorageError(f"{url}: name a bucket, as in s3://bucket/prefix")
+            raise StorageError(f"{redact(url)}: name a bucket, as in s3://bucket/prefix")
         return Location(url, PyFileSystem(FSSpecHandler(s3_filesystem())), path)
     if "://" in url and not url.startswith("file://"):
         scheme = url.split("://", 1)[0]
-        raise StorageError(f"{url}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
+        raise StorageError(f"{redact(url)}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
     local = url[len("file://"):] if url.startswith("file://") else url
     return Location(url, pafs.LocalFileSystem(), str(Path(local).expanduser().absolute()))
 
@@ -101,13 +130,14 @@ def _explain(url: str, exc: Exception) -> StorageError:
     hint = "check the URL"
     if "NoCredentials" in text or "Unable to locate credentials" in text:
         hint = "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or use an instance profile"
-    elif "Could not connect" in text or "Connect" in type(exc).__name__ or "EndpointConnection" in text:
-        hint = "the object store is unreachable: check AWS_ENDPOINT_URL_S3 and the network"
+    elif is_transient(exc):
+        return StorageUnavailable(redact(f"{url}: the object store is unreachable or overloaded after retries: rerun "
+                                         f"later; if it persists check AWS_ENDPOINT_URL_S3 and the network ({text})"))
     elif "AccessDenied" in text or "Forbidden" in text or "403" in text:
         hint = "access denied: check the credentials' permissions on this bucket"
     elif "NoSuchBucket" in text:
         hint = "the bucket does not exist"
-    return StorageError(f"{url}: {hint} ({text})")
+    return StorageError(redact(f"{url}: {hint} ({text})"))
 
 
 def info(loc: Location) -> pafs.FileInfo:

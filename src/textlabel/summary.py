@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 
 from textlabel import storage
 from textlabel.records import VOUCHING, FileRecord, Status, now
+from textlabel.redact import redact_values
 
 if TYPE_CHECKING:
     from textlabel.label import Night
@@ -83,7 +84,7 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
     output_files, output_rows = _totals(night.manifest.current())
     return {
         "run": night.run, "started_at": t.started_at, "finished_at": now(), "input": cfg.input, "output": cfg.output,
-        "model": night.model_id, "relabel": cfg.relabel,
+        "model": night.model_id, "model_path": cfg.model, "relabel": cfg.relabel,
         **({"registered_model": night.registered.record()} if night.registered is not None else {}),
         "files_found": night.listing.num_rows, "files_unchanged": sel.unchanged if sel else 0,
         "files_labelled": len(done), "files_adopted": len(t.adopted), "files_failed": len(failed),
@@ -109,8 +110,9 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
 
 
 def write_summary(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]:
-    """Write the summary (the latest, and this run's own) and log its gist."""
-    summary = build(night, seconds, crashed)
+    """Write the summary (the latest, and this run's own) and log its gist. URI credentials in it (the options,
+    a registered model's source, an error's text) are redacted (redact.py)."""
+    summary = redact_values(build(night, seconds, crashed))
     storage.write_json(night.out.join(SUMMARY), summary)
     storage.write_json(night.out.join(RUNS, f"{night.run}.json"), summary)
     logger.info("run %s: %d files labelled (%d rows, %.0f rows/s), %d adopted, %d unchanged, %d failed; %d rows skipped "

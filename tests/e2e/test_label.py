@@ -74,6 +74,7 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
 
 @pytest.mark.parametrize("case, expected", [
     ("no_text_column", "no input file can be labelled; the first, a.parquet: no column 'text' (columns: id, body)"),
+    ("text_not_text", "no input file can be labelled; the first, a.parquet: column 'text' is int64, not text"),
     ("empty_prefix", "no *.parquet files there"),
     ("label_clash", "already has column(s) label; pass --label-prefix"),
     ("not_a_model", "no *.safetensors weights"),
@@ -84,8 +85,9 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
 def test_bad_input_fails_before_any_model_loads(s3_prefix, trained, caplog, case, expected):
     """Promise: bad input to label.py fails in seconds with exit 2 and one line naming the fix, writing nothing."""
     model, extra = f"{trained['output']}/model", []
-    if case == "no_text_column":
-        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], "body": ["x"]}))
+    if case in ("no_text_column", "text_not_text"):
+        text = {"body": ["x"]} if case == "no_text_column" else {"text": [7]}
+        put_parquet(f"{s3_prefix}/in/a.parquet", pa.table({"id": [1], **text}))
         model = f"{s3_prefix}/no-such-model"  # never reached: the column check comes first
     elif case == "empty_prefix":
         storage.write_bytes(resolve(f"{s3_prefix}/in/readme.txt"), b"not parquet")

@@ -89,15 +89,22 @@ def test_each_night_labels_only_new_and_changed_files(tiny_model, s3_prefix, tmp
     expected = bigger["id"].to_pylist() + smaller["id"].to_pylist() + rows["id"].to_pylist()[350:] + new["id"].to_pylist()
     _assert_exactly_once(s3_prefix, expected)
 
-    # Another model: refused, so one output never mixes two models' labels unnoticed ...
+    # The same model moved elsewhere is the same model (its identity is its content): nothing is labelled again.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model, moved)
+    assert _label(str(moved), s3_prefix) == 0
+    assert (_summary(s3_prefix)["files_unchanged"], _summary(s3_prefix)["files_labelled"]) == (5, 0)
+    # Another model (the same weights, calibrated): refused, so one output never mixes two models' labels unnoticed ...
     other = tmp_path / "retrained"
     shutil.copytree(tiny_model, other)
+    (other / "textlabel_calibration.json").write_text('{"tasks": [{"name": "label", "temperature": 2.0}]}')
     assert _label(str(other), s3_prefix) == 2
     # ... unless asked: --relabel labels every file again, replacing each output in place.
     assert _label(str(other), s3_prefix, "--relabel", "--rows-per-file", 150) == 0
     summary = _summary(s3_prefix)
     assert (summary["files_unchanged"], summary["files_labelled"], summary["rows_out"]) == (0, 5, len(expected))
-    assert set(_versions(s3_prefix)) == set(now) and str(other) in summary["model"]
+    assert set(_versions(s3_prefix)) == set(now) and summary["model_path"] == str(other)
+    assert "temperature 2" in summary["model"] and str(other) not in summary["model"]
     _assert_exactly_once(s3_prefix, expected)
 
 
@@ -113,24 +120,24 @@ def _fuzz_corpus(prefix: str) -> dict:
     binary = [(200, b"a great movie", None), (201, b"\xff\xfe\xfa bad bytes", "invalid_utf8"), (202, None, "null_text"),
               (203, b"   ", "blank_text")]
     put_parquet(f"{base}/binary.parquet", pa.table({"id": [r[0] for r in binary], "text": pa.array([r[1] for r in binary], pa.binary())}))
-    numbers = [(300, 7, "not_text"), (301, 8, "not_text"), (302, None, "null_text")]
-    put_parquet(f"{base}/numbers.parquet", pa.table({"id": [r[0] for r in numbers], "text": pa.array([r[1] for r in numbers], pa.int64())}))
+    empty = pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())})
+    put_parquet(f"{base}/empty.parquet", empty)  # labelled: an output of its columns and the labels', no rows
     other = easy_rows(5, seed=2)
     put_parquet(f"{base}/reordered.parquet", pa.table({"text": other["text"], "extra": [1.5] * 5, "id": list(range(400, 405))}))
     put_parquet(f"{base}/large.parquet", pa.table({"id": list(range(500, 505)), "text": pa.array(other["text"].to_pylist(), pa.large_string())}))
     put_parquet(f"{base}/dictionary.parquet", pa.table({"id": list(range(600, 605)), "text": other["text"].dictionary_encode()}))
     # Bad files.
-    put_parquet(f"{base}/empty.parquet", pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}))
+    put_parquet(f"{base}/numbers.parquet", pa.table({"id": [300, 301], "text": pa.array([7, None], pa.int64())}))
     storage.write_bytes(resolve(f"{base}/corrupt.parquet"), b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
     whole = pa.BufferOutputStream()
     pq.write_table(good, whole)
     storage.write_bytes(resolve(f"{base}/cut-short.parquet"), whole.getvalue().to_pybytes()[:700])
     put_parquet(f"{base}/no-text.parquet", pa.table({"id": [700], "body": ["a great film"]}))
     storage.write_bytes(resolve(f"{base}/README.txt"), b"not data: ignored")
-    reasons = {i: None for i in range(60)} | {r[0]: r[2] for r in bad_rows + binary + numbers}
+    reasons = {i: None for i in range(60)} | {r[0]: r[2] for r in bad_rows + binary}
     reasons |= {i: None for i in [*range(400, 405), *range(500, 505), *range(600, 605)]}
-    failed = {"empty.parquet": "zero rows", "corrupt.parquet": "unreadable Parquet", "cut-short.parquet": "unreadable Parquet",
-              "no-text.parquet": "no column 'text'"}
+    failed = {"numbers.parquet": "column 'text' is int64, not text", "corrupt.parquet": "unreadable Parquet",
+              "cut-short.parquet": "unreadable Parquet", "no-text.parquet": "no column 'text'"}
     return {"reasons": reasons, "failed": failed}
 
 
@@ -141,8 +148,10 @@ def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_mod
     out = resolve(f"{s3_prefix}/out")
     # Each output file is read alone: like their inputs, they do not share one schema.
     tables = {f.base_name: pq.read_table(f.path, filesystem=out.fs) for f in storage.list_files(out, ".parquet")}
-    assert sorted(tables) == ["binary.parquet", "dictionary.parquet", "good.parquet", "large.parquet", "numbers.parquet",
+    assert sorted(tables) == ["binary.parquet", "dictionary.parquet", "empty.parquet", "good.parquet", "large.parquet",
                               "reordered.parquet", "rows.parquet"]
+    assert tables["empty.parquet"].num_rows == 0 and tables["empty.parquet"].column_names == ["id", "text"] + [
+        c for c in tables["good.parquet"].column_names if c.startswith("pred_")]
     columns = ["id", "pred_label", "pred_label_id", "pred_score", "pred_truncated", "pred_skip_reason"]
     rows = pa.concat_tables([t.select(columns).rename_columns([c.removeprefix("pred_") for c in columns])
                              for t in tables.values()])
@@ -158,9 +167,9 @@ def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_mod
     assert tables["rows.parquet"]["text"].to_pylist()[3] == "a great film " * 400  # the text itself is kept whole
     assert tables["reordered.parquet"].column_names[:3] == ["text", "extra", "id"]  # the file's own columns, as they were
     summary = _summary(s3_prefix)
-    assert summary["rows_skipped"] == {"null_text": 3, "blank_text": 3, "invalid_utf8": 1, "not_text": 2}
+    assert summary["rows_skipped"] == {"null_text": 2, "blank_text": 3, "invalid_utf8": 1}
     assert summary["rows_truncated"] == 1 and summary["rows_out"] == rows.num_rows
-    assert summary["rows_labelled"] == rows.num_rows - 9
+    assert summary["rows_labelled"] == rows.num_rows - 6
     assert set(summary["failed"]) == set(expected["failed"])
     for name, reason in expected["failed"].items():
         assert reason in summary["failed"][name]
@@ -169,11 +178,33 @@ def test_bad_rows_and_bad_files_are_accounted_for_and_the_rest_labelled(tiny_mod
     # Fix the files: the next run labels exactly them, nothing else.
     storage.delete(resolve(f"{s3_prefix}/in/corrupt.parquet"))
     storage.delete(resolve(f"{s3_prefix}/in/cut-short.parquet"))
-    storage.delete(resolve(f"{s3_prefix}/in/empty.parquet"))
     put_parquet(f"{s3_prefix}/in/no-text.parquet", pa.table({"id": [700], "text": ["a great film"]}))
+    put_parquet(f"{s3_prefix}/in/numbers.parquet", pa.table({"id": [300], "text": ["a fine film"]}))
     assert _label(tiny_model, s3_prefix) == 0
+    summary = _summary(s3_prefix)  # the empty file among the unchanged: done, not retried
+    assert (summary["files_labelled"], summary["files_unchanged"], summary["files_failed"]) == (2, 7, 0)
+
+
+def test_one_bad_utf8_cell_among_forty_small_files_costs_one_row(tiny_model, s3_prefix):
+    """Promise: a string cell that is not UTF-8 costs its row: not its file, nor the files packed with it."""
+    rows = corpus(f"{s3_prefix}/in", [5] * 40)
+    cells = [t.encode() for t in rows["text"].to_pylist()[85:90]]
+    cells[2] = b"a great \xff\xfe film"  # row 87
+    bad = rows.slice(85, 5).set_column(1, "text", pa.array(cells, pa.binary()).view(pa.string()))
+    put_parquet(f"{s3_prefix}/in/part-17.parquet", bad)
+    written = pq.read_table(resolve(f"{s3_prefix}/in/part-17.parquet").path, filesystem=resolve(s3_prefix).fs)
+    assert written["text"].type == pa.string()  # a string column, its bytes unchecked by Parquet readers
+    with pytest.raises(pa.ArrowInvalid, match="UTF8"):
+        written["text"].combine_chunks().validate(full=True)
+    assert _label(tiny_model, s3_prefix) == 0
+    out = read_output(f"{s3_prefix}/out").sort_by("id")
+    assert out["id"].to_pylist() == rows["id"].to_pylist()  # every row of every file, once
+    skipped = out.filter(pc.is_valid(out["pred_skip_reason"]))
+    assert skipped["id"].to_pylist() == [87] and skipped["pred_skip_reason"].to_pylist() == ["invalid_utf8"]
+    assert out["pred_label"].null_count == 1 and skipped["pred_label"].null_count == 1
     summary = _summary(s3_prefix)
-    assert (summary["files_labelled"], summary["files_unchanged"], summary["files_failed"]) == (1, 7, 0)
+    assert (summary["files_labelled"], summary["files_failed"]) == (40, 0) and summary["units"] < 40  # packed
+    assert summary["rows_skipped"] == {"invalid_utf8": 1} and summary["rows_labelled"] == 199
 
 
 def test_object_store_faults_are_retried_and_a_permanent_one_fails_only_its_file(tiny_model, s3_prefix, s3_faults):
@@ -262,6 +293,59 @@ def test_a_second_run_on_a_held_prefix_is_refused_and_the_first_labels_exactly_o
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
     assert _summary(s3_prefix)["files_labelled"] == 2
     assert not storage.exists(resolve(f"{s3_prefix}/out/_lease.json"))  # released at the end
+
+
+
+def test_a_run_whose_lease_is_replaced_mid_night_stops_and_leaves_the_new_holders_lease(tiny_model, s3_prefix, s3_faults,
+                                                                                          caplog):
+    """Promise: a run that lost its lease (another run took it over unseen) commits nothing more, exits 75 naming
+    the new holder, and leaves that holder's lease alone; the next night labels every row exactly once."""
+    import json
+    import time
+
+    from textlabel.manifest import Manifest
+
+    rows = corpus(f"{s3_prefix}/in", [40, 30])
+    held = s3_faults.hold("PUT", f"{s3_prefix[5:]}/out/part-")  # caught writing its first output
+    run, result = _in_thread(_label, tiny_model, s3_prefix, "--commit-every", 1)
+    held.wait()
+    lease_loc = resolve(f"{s3_prefix}/out/_lease.json")
+    other = {**json.loads(storage.read_bytes(lease_loc)), "run": "run-on-node-b", "host": "node-b", "pid": 7,
+             "since": time.time(), "expires_at": time.time() + 600, "renewals": 0}
+    storage.write_bytes(lease_loc, json.dumps(other).encode())  # node-b took over, and this run did not see it
+    held.release()
+    run.join(300)
+    assert result["code"] == 75  # transient: rerun the same command
+    assert json.loads(storage.read_bytes(lease_loc)) == other
+    last = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "now held by run run-on-node-b (host node-b, pid 7" in last and "rerun the same command" in last
+    assert Manifest.load(resolve(f"{s3_prefix}/out")).state.num_rows == 0  # no record after the loss
+    assert not storage.exists(resolve(f"{s3_prefix}/out/_summary.json"))  # nor the summary
+    storage.write_bytes(lease_loc, json.dumps({**other, "expires_at": time.time() - 1}).encode())  # node-b ends
+    assert _label(tiny_model, s3_prefix) == 0
+    _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
+    assert not storage.exists(lease_loc)
+
+
+def test_a_hung_read_costs_its_file_and_the_night_ends_within_the_part_timeout(tiny_model, s3_prefix, s3_faults):
+    """Promise: a read that hangs (it never answers, nothing crashes) costs its file, not the night: the run ends
+    within --part-timeout and a margin, exit 3, that file failed with why, every other row labelled."""
+    import time
+
+    rows = corpus(f"{s3_prefix}/in", [30, 20])
+    fragment = f"{s3_prefix[5:]}/in/part-1.parquet"
+    holds = [s3_faults.hold("GET", fragment, ranged=False) for _ in range(3)]  # each whole read of it hangs
+    began = time.monotonic()
+    code = _label(tiny_model, s3_prefix, "--part-timeout", 3, "--max-attempts", 1)
+    took = time.monotonic() - began
+    for held in holds:
+        held.release()
+    assert code == 3 and took < 90, took  # at most two timeouts (its pack's, then its own) and two actor restarts
+    summary = _summary(s3_prefix)
+    assert summary["files_failed"] == 1 and summary["files_labelled"] == 1
+    assert summary["failed"]["part-1.parquet"].startswith("timed out after 3 s without progress while reading part-1.parquet")
+    labelled = read_output(f"{s3_prefix}/out")
+    assert sorted(labelled["id"].to_pylist()) == rows["id"].to_pylist()[:30]
 
 
 def test_a_lease_left_by_a_run_elsewhere_is_taken_over_once_it_expires(tiny_model, s3_prefix, caplog):

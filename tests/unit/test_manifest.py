@@ -43,6 +43,31 @@ def test_a_night_writes_segments_and_the_next_one_reads_them(tmp_path):
     assert records(Manifest.load(out)) == records(loaded)
 
 
+
+def test_two_runs_from_one_epoch_never_write_the_same_name_and_a_later_epoch_wins(tmp_path):
+    """A run that lost its lease without knowing it yet (a stalled renewal) and the run that took over both start
+    from epoch 2: their files carry their run, so neither overwrites the other's records."""
+    out = storage.resolve(str(tmp_path))
+    old = Manifest.load(out)
+    old.claim("in/")  # written before runs named their files: still read
+    old.write_segment([rec("a")], 1)
+    assert old.finish() == "compacted" and names(tmp_path) == ["snapshot-0000000001.parquet"]
+    stale, taker = Manifest.load(out), Manifest.load(out)
+    stale.run, taker.run = "20261203T010000Z-aaaaaa", "20261203T013000Z-bbbbbb"
+    taker.write_segment([rec("b", run="taker")], 1)
+    stale.write_segment([rec("c", run="stale")], 1)
+    assert names(tmp_path) == ["segment-0000000002-000001-20261203T010000Z-aaaaaa.parquet",
+                               "segment-0000000002-000001-20261203T013000Z-bbbbbb.parquet", "snapshot-0000000001.parquet"]
+    assert sorted(records(Manifest.load(out))) == ["a", "b", "c"]
+    assert taker.finish(compact=True) == "compacted"  # the snapshot names the epoch and the run
+    assert names(tmp_path) == ["segment-0000000002-000001-20261203T010000Z-aaaaaa.parquet",
+                               "snapshot-0000000002-20261203T013000Z-bbbbbb.parquet"]
+    latest = Manifest.load(out)  # a snapshot of epoch 2 supersedes every segment of epoch 2 it did not read
+    assert latest.epoch == 3 and sorted(records(latest)) == ["a", "b"]
+    latest.write_segment([rec("d")], 1)
+    latest.finish(compact=True)  # and the next compaction deletes what it superseded
+    assert names(tmp_path) == ["snapshot-0000000003.parquet"]
+
 def test_segments_are_merged_until_they_outgrow_a_quarter_of_the_snapshot(tmp_path):
     out = storage.resolve(str(tmp_path))
     night = Manifest.load(out)

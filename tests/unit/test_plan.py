@@ -90,22 +90,46 @@ def test_split_bounds_a_ten_million_row_group_and_a_hundred_megabyte_cell():
     assert [p.stop - p.start for p in cell] == [1, 1, 1] and rows_of(cell) == [0, 1, 2]
 
 
-def test_part_names_and_inputs_that_look_like_another_inputs_part():
+def test_part_names_mirror_the_input_names():  # names no two inputs share: test_names.py
     assert part_name("a/b.parquet", 0, 1) == "a/b.parquet"
     assert part_name("a/b.parquet", 3, 12) == "a/b.part-00003.parquet"
-    pending = [plan.Listed(n, n, 1, "x") for n in ["b.part-00001.parquet", "c.part-00000.parquet"]]
-    found = plan.collisions(pending, pa.array(["b.parquet", "b.part-00001.parquet", "c.part-00000.parquet"]))
-    assert list(found) == ["b.part-00001.parquet"] and "b.parquet" in found["b.part-00001.parquet"]
 
 
 def test_footer_checks_and_column_notes():
     assert "no column 'text' (columns: id, body)" in plan.check_footer(footer((1, 1), columns=("id", "body")), "text", [])
-    assert "zero rows" in plan.check_footer(footer(), "text", [])
+    assert plan.check_footer(footer(), "text", []) is None  # zero rows: labelled, into an empty output
     assert "pass --label-prefix" in plan.check_footer(footer((1, 1), columns=("text", "label")), "text", ["label", "score"])
     assert plan.check_footer(footer((1, 1)), "text", ["label"]) is None
     assert plan.columns_note(["text", "id"], ["id", "text"]) == "columns in another order than the run's first file"
     assert plan.columns_note(["id", "text", "x"], ["id", "text"]) == "columns differ from the run's first file: extra ['x']"
     assert plan.columns_note(["id", "text"], None) is None
+
+
+def test_a_text_column_that_is_not_text_is_a_problem_naming_its_type(tmp_path):
+    import pyarrow.parquet as pq
+
+    def checked(column: pa.Array) -> str | None:
+        pq.write_table(pa.table({"id": pa.array([1] * len(column)), "text": column}), tmp_path / "f.parquet")
+        return plan.check_footer(plan.Footer.of(pq.ParquetFile(tmp_path / "f.parquet").metadata), "text", [])
+
+    assert "column 'text' is int64, not text (string or binary); pass --text-column" in checked(pa.array([7]))
+    assert "column 'text' is list<element: string>" in checked(pa.array([["x"]]))
+    for column in (pa.array(["x"]), pa.array(["x"], pa.large_string()), pa.array([b"x"]), pa.array(["x"]).dictionary_encode(),
+                   pa.nulls(1), pa.array([], pa.string())):
+        assert checked(column) is None, column.type  # strings, bytes, all null, no rows at all
+
+
+@pytest.mark.parametrize("groups, expected", [
+    ([(0, 0), (6, 60), (0, 0)], [(0, 3, (1,)), (3, 6, (1,))]),  # before and after a sliced group
+    ([(1, 10), (0, 0), (2, 20)], [(0, 3, (0, 2))]),  # between two groups of one part
+    ([(6, 60), (0, 0), (2, 20)], [(0, 3, (0,)), (3, 6, (0,)), (6, 8, (2,))]),
+    ([(0, 0), (0, 0)], [(0, 0, ())]),  # a file of zero rows: one part without rows
+    ([], [(0, 0, ())]),
+])
+def test_zero_row_groups_are_in_no_part_and_an_empty_file_is_one_empty_part(groups, expected):
+    parts = plan.split(footer(*groups), 3, 10**9)
+    assert [(p.start, p.stop, p.groups) for p in parts] == expected
+    assert [(p.index, p.count) for p in parts] == [(k, len(expected)) for k in range(len(expected))]
 
 
 def small(n: int, size: int = 1000) -> list[plan.Listed]:

@@ -120,3 +120,33 @@ def test_explicit_pool_options_win():
     assert (found.min_actors, found.max_actors, found.cpus_per_actor, found.threads, found.why) == (2, 8, 2.0, 2, "as asked")
     with pytest.raises(Exception, match="need more than the cluster's 2 CPUs"):
         pool.check_fits(pool.size_pool((3, 3), pool.Cluster((2.0,), (0.0,)), False, 100), pool.Cluster((2.0,), (0.0,)))
+
+
+def test_a_string_cell_that_is_not_utf8_is_skipped_alone_as_a_binary_one_is():
+    """Parquet readers hand back a string column's bytes unchecked: a bad cell is one skipped row, not an error."""
+    cells = [b"a great film", b"\xff\xfe bad bytes", None, b"  ", b"\xc3\xa7a va"]
+    for column in (pa.array(cells, pa.binary()).view(pa.string()), pa.array(cells, pa.large_binary()),
+                   pa.array(cells, pa.binary()).view(pa.string()).dictionary_encode()):
+        texts, reasons, unread = predict.texts_of(column)
+        assert reasons == [None, "invalid_utf8", "null_text", "blank_text", None]
+        assert texts == ["a great film", None, None, None, "ça va"] and not unread.any()
+    assert predict.texts_of(pa.array([7, None]))[1] == ["not_text", "null_text"]
+
+
+def test_a_huge_cell_is_cut_in_bytes_before_it_becomes_a_python_string():
+    import tracemalloc
+
+    huge = pa.array([b"great " * (10 << 20), "é".encode() * 3, b"short"], pa.binary()).view(pa.string())  # 60 MB
+    tracemalloc.start()
+    texts, reasons, unread = predict.texts_of(huge, cap=5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20  # no Python copy of the 60 MB cell
+    assert texts == ["great", "éé", "short"]  # a character the cap cuts in two is dropped, not an error
+    assert reasons == [None, None, None] and unread.tolist() == [(60 << 20) - 5, 1, 0]
+
+
+def test_prepare_flags_a_cell_cut_in_bytes_as_truncated(tiny_model):
+    prepared = predict.prepare(tiny_model, pa.array(["great " * 20_000, "fine", None]), 64)
+    assert prepared.truncated.tolist() == [True, False, False] and prepared.reasons == [None, None, "null_text"]
+    assert len(prepared.windows[0]) == 64

@@ -42,7 +42,8 @@ def test_a_url_that_cannot_work_is_refused_with_the_fix(url, says):
 
 @pytest.mark.parametrize("text, hint", [
     ("NoCredentialsError: Unable to locate credentials", "no AWS credentials found: set AWS_ACCESS_KEY_ID"),
-    ("EndpointConnectionError: Could not connect to the endpoint URL", "the object store is unreachable: check AWS_ENDPOINT_URL_S3"),
+    ("EndpointConnectionError: Could not connect to the endpoint URL", "the object store is unreachable or overloaded after retries: rerun later"),
+    ("ClientError: An error occurred (SlowDown) when calling the PutObject operation", "the object store is unreachable or overloaded"),
     ("ClientError: An error occurred (AccessDenied)", "access denied"),
     ("ClientError: An error occurred (NoSuchBucket)", "the bucket does not exist"),
     ("ValueError: something else", "check the URL"),
@@ -50,6 +51,7 @@ def test_a_url_that_cannot_work_is_refused_with_the_fix(url, says):
 def test_storage_failures_become_one_line_naming_the_fix(text, hint):
     error = storage._explain("s3://b/k", RuntimeError(text))
     assert str(error).startswith(f"s3://b/k: {hint}") and str(error).endswith(f"(RuntimeError: {text})")
+    assert isinstance(error, storage.StorageUnavailable) == ("overloaded" in hint)  # exit 75, not 2: nothing to fix
 
 
 @pytest.mark.parametrize("rel, hidden", [
