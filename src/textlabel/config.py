@@ -283,6 +283,7 @@ class LabelConfig(InferenceOptions):
     schedule_timeout: float = _opt(600.0, "End the run (exit 75) when no predictor actor has started this many seconds after the pool was asked for: the cluster lacks the resources, and the message says which.")
     relabel: bool = _opt(False, "Label every input file again, not only new, changed and failed ones; each output file is replaced in place.")
     keep_old_labels: bool = _opt(False, "When --output holds labels from another model: keep them and label only new or changed files with this one (default: refuse).")
+    retry_failed: bool = _opt(False, "Label again the files quarantined at their current version (they ended their predictor process --max-attempts times: a crash, out of memory, --part-timeout); without it they wait until they change.")
     prune_gone: bool = _opt(False, "Delete the outputs and records of input files that no longer exist (default: list them in the summary).")
     verify_outputs: bool = _opt(False, "List --output and check every recorded output file is there (relabel the missing, delete the unrecorded). Done anyway after a run that did not end cleanly.")
     lease: bool = _opt(True, "Hold a lease on --output while running, so a second run there is refused (--no-lease: for stores that ignore conditional writes; keep runs apart yourself).")

@@ -183,7 +183,11 @@ def _plan(night: Night) -> None:
     manifest.run = night.run
     swept = bool(night.taken_over or not cfg.lease or cfg.verify_outputs or not manifest.found or manifest.legacy)
     present = sweep.present_outputs(out, manifest.found) if swept else None
-    night.selection = plan.select(night.listing, manifest.state, cfg.relabel, present, night.root)
+    night.selection = plan.select(night.listing, manifest.state, cfg.relabel, present, night.root, cfg.retry_failed)
+    if night.selection.quarantined:
+        logger.warning("%d file(s) quarantined at their current version (they ended their predictor process "
+                       "--max-attempts times) are not labelled again: %s; --retry-failed retries them",
+                       len(night.selection.quarantined), ", ".join(night.selection.quarantined[:20]))
     night.tally.swept = swept
     _read_footers(night)
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
@@ -209,7 +213,7 @@ def _prepare_writes(night: Night) -> None:
     # A file about to be labelled again stops being vouched for first: if the run dies while its
     # parts are replaced, the next run labels it again instead of trusting a half-replaced output.
     for name, rec in night.previous.items():
-        if rec.status in (Status.DONE, Status.STALE) and name in by_input and name not in night.failed:
+        if rec.status in (Status.DONE, Status.STALE, Status.QUARANTINED) and name in by_input and name not in night.failed:
             committer.add(dataclasses.replace(rec, status=Status.LABELLING, run=night.run, recorded_at=_now()))
     committer.flush()
     for record in night.adopted:
@@ -254,7 +258,7 @@ def _finish_file(night: Night, listed: plan.Listed, results: list[ItemResult]) -
         _fence(night, "deleting the outputs of a file replaced while it was read")
         storage.delete_many(night.out.fs, [night.out.join(*n.split("/")).path for n in outcome.written])
         return False
-    if record.status == Status.FAILED:
+    if record.status in (Status.FAILED, Status.QUARANTINED):
         record = keep_old_labels(record, previous, outcome.written)
         logger.error("FAILED %s: %s", listed.input, record.error)
     stale = (old | set(outcome.written)) - set(record.outputs)

@@ -302,11 +302,13 @@ class PartLabeller:
     def _give_up(self, item: Item, deaths: int, why: str | None = None) -> list[ItemResult]:
         where = f"rows {item.part.start}-{item.part.stop} of this file" if item.part else "this file"
         if why:
-            return [_failed(item, f"{why}; {deaths} attempt(s): the read or the model hangs there? (see the Ray logs); "
-                                  "fix the file or raise --part-timeout, then rerun")]
-        return [_failed(item, f"the predictor process died {deaths} times while labelling {where}: out of memory, or a "
-                              "crash in the tokenizer or model? (see the Ray logs); raise --part-bytes headroom or "
-                              "fix the file, then rerun")]
+            error = (f"{why}; {deaths} attempt(s): the read or the model hangs there? (see the Ray logs); quarantined "
+                     "until the file changes: fix it or raise --part-timeout, or rerun with --retry-failed")
+        else:
+            error = (f"the predictor process died {deaths} times while labelling {where}: out of memory, or a crash in "
+                     "the tokenizer or model? (see the Ray logs); quarantined until the file changes: fix it or lower "
+                     "--part-bytes, or rerun with --retry-failed")
+        return [dataclasses.replace(_failed(item, error), poison=True)]
 
     def _attempt(self, key: str, items: list[Item]) -> list[ItemResult]:
         self._key, self._beaten = key, 0.0

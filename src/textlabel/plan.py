@@ -51,6 +51,7 @@ class Selection:
     gone: list[str]  # recorded inputs that are no longer listed
     lost: list[str] = field(default_factory=list)  # recorded as labelled, but an output is missing (only when outputs were listed)
     orphans: list[str] = field(default_factory=list)  # output files no record vouches for (only when outputs were listed)
+    quarantined: list[str] = field(default_factory=list)  # not retried at this version: they ended their actor
 
 
 def relative(listing: pa.Table, root: str) -> pa.Table:
@@ -85,8 +86,9 @@ def _same_version(listed: pa.ChunkedArray, recorded: pa.Array) -> pa.Array:
 
 
 def select(listing: pa.Table, state: pa.Table, relabel: bool = False, present: pa.Array | None = None,
-           root: str = "") -> Selection:
-    """The files to label: every listed file not recorded DONE at its listed version (with --relabel, all).
+           root: str = "", retry_failed: bool = False) -> Selection:
+    """The files to label: every listed file not recorded DONE (nor QUARANTINED, unless ``retry_failed``) at its
+    listed version (with --relabel, all).
 
     ``listing``: columns input, size, fingerprint (relative()); ``root``: the --input path the inputs are
     relative to. ``state``: the manifest's records.
@@ -99,12 +101,17 @@ def select(listing: pa.Table, state: pa.Table, relabel: bool = False, present: p
     unchanged = pc.and_(_same_version(listing["fingerprint"], recorded), pc.fill_null(pc.equal(status, Status.DONE.value), False))
     if relabel:
         unchanged = pc.and_(unchanged, False)
+    poison = pc.and_(_same_version(listing["fingerprint"], recorded),
+                     pc.fill_null(pc.equal(status, Status.QUARANTINED.value), False))
+    if retry_failed or relabel:
+        poison = pc.and_(poison, False)
+    quarantined = listing.filter(poison)["input"].to_pylist()
     lost: list[str] = []
     if present is not None:
         lost_rows = pc.and_(unchanged, pc.fill_null(pc.is_in(at, value_set=_missing_outputs(state, present)), False))
         lost = listing.filter(lost_rows)["input"].to_pylist()
         unchanged = pc.and_(unchanged, pc.invert(lost_rows))
-    todo = listing.filter(pc.invert(unchanged)).select(["input", "size", "fingerprint"])
+    todo = listing.filter(pc.invert(pc.or_(unchanged, poison))).select(["input", "size", "fingerprint"])
     listed = np.zeros(state.num_rows, dtype=bool)
     listed[pc.drop_null(at).to_numpy()] = True
     gone = state.filter(pa.array(~listed))["input"].to_pylist()
@@ -113,7 +120,7 @@ def select(listing: pa.Table, state: pa.Table, relabel: bool = False, present: p
         orphans = present.filter(pc.invert(pc.is_in(present, value_set=vouched(state)))).to_pylist()
     pending = [Listed(row["input"], f"{root.rstrip('/')}/{row['input']}" if root else row["input"], row["size"],
                       row["fingerprint"]) for row in todo.to_pylist()]
-    return Selection(pending, pc.sum(unchanged).as_py() or 0, gone, lost, orphans)
+    return Selection(pending, pc.sum(unchanged).as_py() or 0, gone, lost, orphans, quarantined)
 
 
 @dataclass(frozen=True)

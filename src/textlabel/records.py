@@ -8,6 +8,8 @@ into its record. Pure: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import json
 import re
@@ -27,9 +29,12 @@ class Status(str, Enum):
     LABELLING = "labelling"  # being replaced: its old outputs are no longer vouched for
     STALE = "stale"  # a newer version failed (error); the outputs of the version recorded are kept
     PRUNED = "pruned"  # the input is gone and its outputs were deleted (--prune-gone); dropped at compaction
+    # This version ended its predictor process --max-attempts times (a crash, out of memory, --part-timeout): not
+    # labelled again at this version unless --retry-failed. Its outputs, if any, are an older version's labels, kept.
+    QUARANTINED = "quarantined"
 
 
-VOUCHING = (Status.DONE.value, Status.STALE.value)
+VOUCHING = (Status.DONE.value, Status.STALE.value, Status.QUARANTINED.value)
 OUTPUT_META = "textlabel."  # prefix of the keys an output file's Parquet metadata records its labelling under
 
 
@@ -151,6 +156,7 @@ class ItemResult:
     error: str | None = None
     changed: bool = False  # the file was replaced while being read: not labelled at any version
     maybe_written: bool = False  # failed after its output may have been written (an unexpected error)
+    poison: bool = False  # given up after it ended its actor --max-attempts times: the file is quarantined
     stats: dict[str, float] | None = None  # the model's work for the whole unit (on one result of each unit)
     note: str | None = None
     seconds: float = 0.0
@@ -192,9 +198,10 @@ def file_record(listed: dict[str, Any], results: list[ItemResult], model: str, r
     for r in results:
         for reason, n in r.rows_skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
+    status = Status.DONE if not errors else Status.QUARANTINED if any(r.poison for r in results) else Status.FAILED
     record = FileRecord(
         input=listed["input"], fingerprint=version, size=listed["size"],
-        status=Status.FAILED if errors else Status.DONE, error=errors[0] if errors else None,
+        status=status, error=errors[0] if errors else None,
         outputs=[] if errors else [r.output for r in results], rows_in=sum(r.rows_in for r in results),
         rows_out=0 if errors else sum(r.rows_out for r in results), rows_skipped={} if errors else skipped,
         rows_truncated=0 if errors else sum(r.rows_truncated for r in results),
@@ -206,9 +213,12 @@ def file_record(listed: dict[str, Any], results: list[ItemResult], model: str, r
 
 def keep_old_labels(failed: FileRecord, previous: FileRecord | None, written: list[str]) -> FileRecord:
     """A changed file whose new version failed keeps the labels of the version before, as STALE, unless
-    a part of the new version already replaced one of its outputs."""
+    a part of the new version already replaced one of its outputs. A quarantined version keeps them too, under its
+    own version (so it is not retried at it)."""
     if previous is None or previous.status.value not in VOUCHING or set(written) & set(previous.outputs):
         return failed
+    if failed.status == Status.QUARANTINED:
+        return dataclasses.replace(failed, outputs=list(previous.outputs))
     return FileRecord(**{**asdict(previous), "status": Status.STALE, "error": failed.error, "run": failed.run,
                          "recorded_at": failed.recorded_at})
 

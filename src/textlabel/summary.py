@@ -76,7 +76,7 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
     """The summary of a run from its tally and the manifest."""
     t, sel, cfg = night.tally, night.selection, night.cfg
     done = [r for r in t.records if r.status == Status.DONE]
-    failed = [r for r in t.records if r.status in (Status.FAILED, Status.STALE)]
+    failed = [r for r in t.records if r.status in (Status.FAILED, Status.STALE, Status.QUARANTINED)]
     skipped: Counter = Counter()
     for r in done:
         skipped.update(r.rows_skipped)
@@ -89,7 +89,10 @@ def build(night: "Night", seconds: float, crashed: str | None) -> dict[str, Any]
         "files_found": night.listing.num_rows, "files_unchanged": sel.unchanged if sel else 0,
         "files_labelled": len(done), "files_adopted": len(t.adopted), "files_failed": len(failed),
         "failed": {r.input: r.error for r in sorted(failed, key=lambda r: r.input)[:LISTED]},
-        "files_kept_old_labels": _capped([r.input for r in failed if r.status == Status.STALE]),
+        "files_kept_old_labels": _capped([r.input for r in failed if r.status == Status.STALE
+                                          or (r.status == Status.QUARANTINED and r.outputs)]),
+        "files_quarantined": _capped(sorted({r.input for r in failed if r.status == Status.QUARANTINED}
+                                            | set(sel.quarantined if sel else []))),
         "files_with_other_columns": {r.input: r.note for r in sorted(done, key=lambda r: r.input) if r.note}
         if len(done) <= LISTED else {}, "files_changed_during_run": _capped(t.changed),
         "inputs_gone": _capped(sel.gone if sel and not t.pruned else []), "inputs_gone_count": len(sel.gone) if sel else 0,

@@ -400,7 +400,8 @@ def test_a_file_replaced_before_it_is_read_ends_labelled_at_its_new_version(tiny
 
 
 def test_a_part_that_kills_its_actor_every_time_fails_alone_and_the_night_goes_on(tiny_model, s3_prefix, monkeypatch):
-    """Promise: a row that kills its predictor every time fails its file alone; the night goes on."""
+    """Promise: a row that kills its predictor every time fails its file alone; the night goes on, and the file is
+    quarantined, not retried every night."""
     rows = corpus(f"{s3_prefix}/in", [30, 30, 30])
     poison = easy_rows(10, seed=5).append_column("id", [list(range(5000, 5010))])
     poison = poison.set_column(0, "text", pa.array(["a POISON pill"] + poison["text"].to_pylist()[1:]))
@@ -410,7 +411,13 @@ def test_a_part_that_kills_its_actor_every_time_fails_alone_and_the_night_goes_o
     summary = _summary(s3_prefix)
     assert list(summary["failed"]) == ["part-1b.parquet"]
     assert "the predictor process died 2 times while labelling this file" in summary["failed"]["part-1b.parquet"]
+    assert summary["files_quarantined"] == ["part-1b.parquet"]
     _assert_exactly_once(s3_prefix, rows["id"].to_pylist())
+    # The next night does not burn its attempts again: quarantined at this version, listed, the night clean.
+    assert _label(tiny_model, s3_prefix, "--max-attempts", 2) == 0
+    summary = _summary(s3_prefix)
+    assert (summary["files_labelled"], summary["files_failed"], summary["files_unchanged"]) == (0, 0, 3)
+    assert summary["files_quarantined"] == ["part-1b.parquet"]
 
 
 def test_many_small_files_are_packed_and_every_row_labelled_once(tiny_model, s3_prefix):

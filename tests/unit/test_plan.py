@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 
@@ -40,6 +42,29 @@ def test_select_labels_new_changed_failed_and_half_replaced_files_only():
     relabel = plan.select(found, recorded, relabel=True)
     assert len(relabel.pending) == 6 and relabel.unchanged == 0
 
+
+
+def test_a_file_that_ended_its_actor_is_quarantined_at_its_version_keeping_its_old_labels():
+    listed = {"input": "poison.parquet", "size": 100, "fingerprint": "etag:2"}
+    given_up = ItemResult("poison.parquet", 0, 1, "poison.parquet", "etag:2", error="the predictor process died 3 times",
+                          poison=True)
+    record = file_record(listed, [given_up], "m", "run-2").record
+    assert record.status == Status.QUARANTINED and record.fingerprint == "etag:2" and record.outputs == []
+    kept = keep_old_labels(record, rec("poison.parquet", "etag:1"), written=[])
+    assert kept.status == Status.QUARANTINED and kept.fingerprint == "etag:2" and kept.outputs == ["poison.parquet"]
+    assert "died 3 times" in kept.error
+    # The next nights: not retried at that version; retried when it changes, or when asked.
+    recorded = state(kept, rec("fine.parquet", "etag:1"))
+    same = plan.select(listing({"poison.parquet": "etag:2", "fine.parquet": "etag:1"}), recorded)
+    assert same.pending == [] and same.quarantined == ["poison.parquet"] and same.unchanged == 1
+    assert same.orphans == [] and plan.select(listing({"poison.parquet": "etag:2"}), recorded,
+                                              present=pa.array(["poison.parquet", "fine.parquet"])).orphans == []
+    changed = plan.select(listing({"poison.parquet": "etag:3", "fine.parquet": "etag:1"}), recorded)
+    assert [f.input for f in changed.pending] == ["poison.parquet"] and changed.quarantined == []
+    retried = plan.select(listing({"poison.parquet": "etag:2", "fine.parquet": "etag:1"}), recorded, retry_failed=True)
+    assert [f.input for f in retried.pending] == ["poison.parquet"] and retried.quarantined == []
+    failed = file_record(listed, [dataclasses.replace(given_up, poison=False)], "m", "run-2").record
+    assert failed.status == Status.FAILED  # a plain failure (unreadable, say) is retried every night
 
 def test_select_reads_fingerprints_recorded_before_inode_and_ctime_were_added():
     now = "size:10:mtime_ns:5:ino:77:ctime_ns:6"
