@@ -27,15 +27,19 @@ class S3Store:
         self.s3 = storage.fsspec_of(loc.fs)
         self.bucket, _, self.key = loc.path.partition("/")
 
-    def _put(self, data: bytes, **condition: str) -> str:
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        """One S3 call; a failed precondition (HTTP 412) becomes Conflict."""
         try:
-            return self.s3.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=data, **condition)["ETag"]
+            return self.s3.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
         except FileExistsError:
             raise
         except OSError as exc:
             if "PreconditionFailed" in repr(exc.__cause__) or "pre-conditions" in str(exc):
                 raise Conflict(str(exc)) from exc
             raise
+
+    def _put(self, data: bytes, **condition: str) -> str:
+        return self._call("put_object", Body=data, **condition)["ETag"]
 
     def create(self, data: bytes) -> str:
         return self._put(data, IfNoneMatch="*")
@@ -58,15 +62,10 @@ class S3Store:
 
     def delete(self, token: str | None = None) -> None:
         """Delete the object; with ``token``, only if it is still that version (Conflict if not)."""
-        condition = {"IfMatch": token} if token else {}
         try:
-            self.s3.call_s3("delete_object", Bucket=self.bucket, Key=self.key, **condition)
+            self._call("delete_object", **({"IfMatch": token} if token else {}))
         except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if "PreconditionFailed" in repr(exc.__cause__) or "pre-conditions" in str(exc):
-                raise Conflict(str(exc)) from exc
-            raise
+            pass  # gone already
 
 
 class LocalStore:

@@ -128,12 +128,12 @@ def _check_manifest(night: Night) -> None:
             "with it, or write to a new --output"])
 
 
-def _footer(fs, listed: plan.Listed) -> plan.Footer | str:
+def _footer(fs, listed: plan.Listed) -> plan.Footer | Exception:
     try:
         with fs.open_input_file(listed.path) as fh:
             return plan.Footer.of(pq.ParquetFile(fh).metadata)
-    except Exception as exc:  # this file fails, not the run
-        return plan.read_problem(exc)
+    except Exception as exc:  # this file fails (or waits for the next run), not the run
+        return exc
 
 
 def _read_footers(night: Night) -> None:
@@ -144,11 +144,19 @@ def _read_footers(night: Night) -> None:
     wanted = {f.input: f for f in big + pending[::step][:SAMPLE]}
     with ThreadPoolExecutor(16) as pool:
         found = dict(zip(wanted, pool.map(lambda f: _footer(night.src.fs, f), wanted.values())))
+    replaced = set()
     for name, footer in found.items():
-        if isinstance(footer, str):
-            night.failed[name] = footer
-        else:
+        if not isinstance(footer, Exception):
             night.footers[name] = footer
+        elif storage.replaced(footer):  # replaced since the listing: the next run labels the new version
+            replaced.add(name)
+        else:
+            night.failed[name] = plan.read_problem(footer)
+    if replaced:
+        night.selection.pending = [f for f in pending if f.input not in replaced]
+        night.tally.changed += sorted(replaced)
+        logger.info("%d file(s) replaced since the listing are left to the next run: %s", len(replaced),
+                    ", ".join(sorted(replaced)[:20]))
     night.failed |= sweep.move_misnamed(night)  # before any output is written under the names they had
 
 

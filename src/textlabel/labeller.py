@@ -196,22 +196,6 @@ def _failed(item: Item, error: str, changed: bool = False, fingerprint: str | No
                       fingerprint or item.fingerprint, error=error[:2000], changed=changed)
 
 
-def _replaced(exc: BaseException) -> bool:
-    """Whether a read failed because its file was replaced meanwhile: a pinned read refused (S3's If-Match,
-    which s3fs raises as FileExpired, or a PreconditionFailed) or another version found."""
-    from s3fs.utils import FileExpired  # s3fs comes with storage's S3 support; only a failed read gets here
-
-    seen: BaseException | None = exc
-    for _ in range(8):  # the exception and what caused it (pyarrow and s3fs each wrap what they raise)
-        if seen is None:
-            return False
-        if isinstance(seen, (storage.VersionChanged, FileExpired)) or "pre-conditions" in str(seen) \
-                or "PreconditionFailed" in repr(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 def windows_of(events: Iterator[tuple[str, Any]], text_column: str, max_rows: int,
                max_text_bytes: int | None = None) -> Iterator[list[tuple[str, Any]]]:
     """Reading events cut into windows of about ``max_rows`` rows (and ``max_text_bytes`` bytes of text, when
@@ -392,7 +376,7 @@ class PartLabeller:
                 yield "end", out
                 ended += 1
         except Exception as exc:  # this file fails, not the run; unless it was replaced during the read
-            changed = _replaced(exc) or (handle is not None and not storage.still_version(handle, item.fingerprint))
+            changed = storage.replaced(exc) or (handle is not None and not storage.still_version(handle, item.fingerprint))
             reason = str(exc) if isinstance(exc, storage.VersionChanged) else read_problem(exc)
             for out in outs[ended:] or [None]:
                 yield "error", out.result(error=reason[:2000], changed=changed) if out else _failed(item, reason, changed)

@@ -223,6 +223,22 @@ class VersionChanged(StorageError):
     """The file at a path is no longer the version that was listed (replaced while the run went on)."""
 
 
+def replaced(exc: BaseException) -> bool:
+    """Whether a read failed because its file was replaced meanwhile: a pinned read refused (S3's If-Match,
+    which s3fs raises as FileExpired, or a PreconditionFailed) or another version found."""
+    from s3fs.utils import FileExpired  # s3fs comes with storage's S3 support; only a failed read gets here
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # the exception and what caused it (pyarrow and s3fs each wrap what they raise)
+        if seen is None:
+            return False
+        if isinstance(seen, (VersionChanged, FileExpired)) or "pre-conditions" in str(seen) \
+                or "PreconditionFailed" in repr(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _hidden(rel: str) -> bool:
     # Like Spark and Hive: _SUCCESS, _temporary/, .staging/ ... are not data.
     return any(part.startswith((".", "_")) for part in rel.split("/"))

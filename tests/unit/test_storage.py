@@ -70,3 +70,20 @@ def test_a_version_is_the_etag_on_s3_and_size_mtime_inode_ctime_on_disk(tmp_path
     found = storage.local_fingerprint(st)
     assert found == f"size:4:mtime_ns:{st.st_mtime_ns}:ino:{st.st_ino}:ctime_ns:{st.st_ctime_ns}"
     assert storage.legacy_fingerprint(found) == f"size:4:mtime_ns:{st.st_mtime_ns}"  # what manifest format 1 recorded
+
+
+def test_a_read_refused_because_its_file_was_replaced_is_told_from_other_failures():
+    from s3fs.utils import FileExpired
+
+    def wrapped(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise OSError("reading the footer failed") from inner
+        except OSError as outer:
+            return outer
+
+    assert storage.replaced(wrapped(FileExpired("chaos/in/a.parquet", '"etag-1"')))  # s3fs, under pyarrow
+    assert storage.replaced(storage.VersionChanged("a.parquet: rewritten while it was read"))
+    assert not storage.replaced(wrapped(PermissionError("AccessDenied")))
