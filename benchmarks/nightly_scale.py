@@ -103,6 +103,7 @@ def night(directory: str, n: int) -> dict:
     committer.close()
     finished = manifest.finish()
     t3 = time.perf_counter()
+    segment = sum(Path(directory, "_manifest", name).stat().st_size for name in manifest.written)  # tonight's records
     assert len(selection.pending) == NEW and selection.unchanged == n
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     units = len(units)
@@ -114,6 +115,7 @@ def night(directory: str, n: int) -> dict:
     t5 = time.perf_counter()
     return {"recorded": n, "load_s": round(t1 - t0, 3), "plan_s": round(t2 - t1, 3), "commit_and_finish_s": round(t3 - t2, 3),
             "load_plus_plan_s": round(t2 - t0, 3), "compaction_s": round(t5 - t4, 3), "units": units, "finish": finished,
+            "segment_bytes_per_record": round(segment / NEW, 1),
             "peak_rss_mib": round(peak / 1024),
             "peak_rss_with_compaction_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "rss_before_load_mib": round(base / 1024)}
@@ -128,7 +130,8 @@ def part_a(sizes: list[int]) -> list[dict]:
         built = time.perf_counter() - built
         snapshot = next(Path(work, "_manifest").glob("snapshot-*.parquet")).stat().st_size
         out = subprocess.run([sys.executable, __file__, "--night", work, str(n)], check=True, capture_output=True, text=True)
-        row = {**json.loads(out.stdout.strip().splitlines()[-1]), "snapshot_mib": round(snapshot / 2**20, 1),
+        night = json.loads(out.stdout.strip().splitlines()[-1])
+        row = {**night, "snapshot_mib": round(snapshot / 2**20, 1), "snapshot_bytes_per_record": round(snapshot / n, 1),
                "build_s": round(built, 1)}
         print("a", json.dumps(row), flush=True)
         rows.append(row)
@@ -162,7 +165,8 @@ class Requests:
         self.delay = 0.0
         self._lock = threading.Lock()  # the server answers each request on its own thread
 
-    def seen(self, method: str) -> None:
+    def seen(self, method: str, path: str, headers) -> None:
+        """demo.local_s3's on_request: count, delay, serve (returns None)."""
         with self._lock:
             self.requests += 1
             self.by_method[method] += 1

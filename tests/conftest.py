@@ -15,7 +15,7 @@ import pytest
 # The long poles first (with --no-loadscope-reorder, pytest-xdist hands work out in this order): the search waits on
 # its trials more than it computes, so it runs beside the rest rather than alone at the end; the unit tests come last
 # and fill both workers' tails.
-FIRST = ("tests/e2e/test_search.py", "tests/e2e/test_evaluate.py", "tests/e2e/test_label.py", "tests/e2e/test_tracking.py",
+FIRST = ("tests/e2e/test_search.py", "tests/e2e/test_chaos.py", "tests/e2e/test_evaluate.py", "tests/e2e/test_label.py", "tests/e2e/test_tracking.py",
          "tests/e2e/test_train.py", "tests/e2e/test_long_texts.py", "tests/e2e/test_faults.py", "tests/e2e/test_lora.py",
          "tests/e2e/test_multitask.py")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
 
@@ -24,12 +24,21 @@ logger = logging.getLogger(__name__)
 _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+# The error an ``on_request`` hook may answer instead of serving: S3's code and message for the status.
+_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
+           503: ("SlowDown", "Please reduce your request rate."), 403: ("AccessDenied", "Access Denied")}
+Hook = Callable[[str, str, Mapping[str, str]], int | None]
+
+
 @contextmanager
-def local_s3(buckets: tuple[str, ...] = (), on_request: Callable[[str], None] | None = None) -> Iterator[str]:
+def local_s3(buckets: tuple[str, ...] = (), on_request: Hook | None = None) -> Iterator[str]:
     """Run an S3 server (moto's) on 127.0.0.1, point the standard AWS environment at it, yield its URL.
 
-    ``on_request`` is called with each request's method before it is served (a benchmark counts and delays
-    requests with it)."""
+    ``on_request(method, path, headers)`` is called before each request is served, with its path (``/bucket/key``,
+    no query) and its headers (``headers.get("Range")``: a ranged read). A benchmark counts, delays or holds
+    requests with it (it runs on the request's own server thread: blocking holds that request alone), and injects
+    faults: returning an HTTP status (500, 503, 403) answers that error, with S3's error XML (503: ``SlowDown``,
+    which clients retry), instead of serving the request; None serves it."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
@@ -37,13 +46,7 @@ def local_s3(buckets: tuple[str, ...] = (), on_request: Callable[[str], None] | 
     server.start()
     port = server.get_host_and_port()[1]
     if on_request is not None:
-        app = server._server.app  # werkzeug looks the app up per request
-
-        def hooked(environ, start_response):
-            on_request(environ["REQUEST_METHOD"])
-            return app(environ, start_response)
-
-        server._server.app = hooked
+        server._server.app = _hooked(server._server.app, on_request)  # werkzeug looks the app up per request
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in _ENV}
     os.environ.update({"AWS_ACCESS_KEY_ID": "textlabel-local", "AWS_SECRET_ACCESS_KEY": "textlabel-local",
@@ -61,6 +64,26 @@ def local_s3(buckets: tuple[str, ...] = (), on_request: Callable[[str], None] | 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _hooked(app: Callable, on_request: Hook) -> Callable:
+    """``app`` (a WSGI app) behind ``on_request``: served, or answered with the error status it returns."""
+    from werkzeug.datastructures import EnvironHeaders
+
+    def hooked(environ, start_response):
+        status = on_request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), EnvironHeaders(environ))
+        if status is None:
+            return app(environ, start_response)
+        # Read the request's body first: left unread, it would be taken for the next request on the connection.
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        code, message = _ERRORS.get(status, ("InternalError", "Injected error."))
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+                "</Error>").encode()
+        start_response(f"{status} {code}", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+        return [b"" if environ["REQUEST_METHOD"] == "HEAD" else body]
+
+    return hooked
+
 
 BUCKET = "textlabel-demo"
 
