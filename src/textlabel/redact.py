@@ -98,10 +98,24 @@ class RedactingFilter(logging.Filter):
 
 
 def install(logger: logging.Logger) -> None:
-    """Add a RedactingFilter to every handler of ``logger`` that lacks one (calling it again adds nothing)."""
+    """Add a RedactingFilter to every handler of ``logger`` that lacks one (calling it again adds nothing), and
+    redact every record as it is made, whatever logger and handler it goes to: a library that configures its own
+    handler and stops propagation (MLflow does, when it is first imported) bypasses the root's handlers."""
     for handler in logger.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+    made = logging.getLogRecordFactory()
+    if not getattr(made, "redacts", False):
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = made(*args, **kwargs)
+            _SCRUB.filter(record)
+            return record
+
+        factory.redacts = True  # type: ignore[attr-defined]
+        logging.setLogRecordFactory(factory)
+
+
+_SCRUB = RedactingFilter()
 
 
 def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:

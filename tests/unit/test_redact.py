@@ -121,7 +121,26 @@ def test_the_jobs_logging_redacts_every_library_s_lines(caplog, monkeypatch):
     with caplog.at_level(logging.INFO):
         logging.getLogger("mlflow.utils.rest_utils").warning("API request to %s failed", "http://u:secret@mlflow:5000/api")
         logging.getLogger("textlabel.train").info("training at https://u:secret@mlflow")
-    assert "secret" not in caplog.text and caplog.text.count("***@mlflow") == 2
+    assert "secret" not in caplog.text and "training at https://***@mlflow" in caplog.text
+
+
+def test_a_library_with_its_own_handler_that_does_not_propagate_is_redacted_too(monkeypatch):
+    """MLflow, once imported, logs through a handler of its own with propagation off: the root's filters never
+    see its lines."""
+    import io
+
+    from textlabel.cli import setup_logging
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(logging, "_logRecordFactory", logging.getLogRecordFactory())  # restored after the test
+    setup_logging()
+    own = logging.getLogger("a_library_like_mlflow")
+    stream = io.StringIO()
+    own.addHandler(logging.StreamHandler(stream))
+    monkeypatch.setattr(own, "propagate", False)
+    own.warning("API request to %s failed", "http://u:secret@mlflow:5000/api")
+    own.removeHandler(own.handlers[-1])
+    assert stream.getvalue() == "API request to http://***@mlflow:5000/api failed\n"
 
 
 def test_an_uncaught_error_s_traceback_is_redacted(capsys):
