@@ -539,8 +539,10 @@ def figures(chaos: Chaos, wall: float, broken: str | None) -> dict:
             "broken": broken}
 
 
-def run_chaos(nights: int, seed: int, settings: Settings = Settings(), workdir: str | None = None) -> dict:
-    """Run the nights on a fresh S3 server and a fresh local Ray (started here); returns the figures."""
+def run_chaos(nights: int, seed: int, settings: Settings = Settings(), workdir: str | None = None,
+              json_out: str | None = None) -> dict:
+    """Run the nights on a fresh S3 server and a fresh local Ray (started here); returns the figures. With
+    json_out, the figures so far are also written there after every night (a long run cut short keeps them)."""
     import ray
 
     from textlabel.demo import local_s3
@@ -561,6 +563,8 @@ def run_chaos(nights: int, seed: int, settings: Settings = Settings(), workdir: 
             scheduler = Scheduler(model, context.address_info["gcs_address"], settings, work / "logs", injector)
             for n in range(1, nights + 1):
                 print(night(chaos, n, scheduler), flush=True)
+                if json_out:
+                    Path(json_out).write_text(json.dumps(figures(chaos, time.perf_counter() - start, None), indent=2))
         except Broken as exc:
             broken = f"seed {seed}, night {n}: {exc} (run logs in {work / 'logs'})"
             print("BROKEN " + broken, flush=True)
@@ -576,7 +580,7 @@ def main() -> int:
     parser.add_argument("--json-out", help="also write the figures to this file")
     parser.add_argument("--workdir", help="where the model and the runs' logs go (default: a new temporary folder)")
     args = parser.parse_args()
-    result = run_chaos(args.nights, args.seed, workdir=args.workdir)
+    result = run_chaos(args.nights, args.seed, workdir=args.workdir, json_out=args.json_out)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
