@@ -1,6 +1,6 @@
 """Promise: under a seeded, randomized schedule of faults, night after night, no row is lost or duplicated.
 
-Two nights of benchmarks/chaos_nights.py (its docstring says what a night is): a growing corpus with bad cells,
+A seeded night of benchmarks/chaos_nights.py (its docstring says what a night is): a growing corpus with bad cells,
 zero-row row groups, an input named like a part and replaced inputs; faults drawn from the seed (a driver
 SIGKILLed at a request, the lease taken by another host, a burst of 503 SlowDown, a file replaced while it is
 read, ...); the job rerun as a scheduler reruns it; every invariant checked from the store after each night.
@@ -19,10 +19,11 @@ import random
 import subprocess
 import sys
 
-# Draws the lease taken by node-b, a 503 burst and a file replaced at an actor's read (night 1); a driver SIGKILL
-# early in a run, then the lease taken again (night 2): the two faults that end a run, and no actor restarts (the
-# slowest faults here). Two nights, not three: each costs about 25 s of the suite's budget here.
-SEED, NIGHTS = 27, 2
+# One night that draws a driver SIGKILLed at its first request after the listing, then the lease taken by node-b
+# at its rerun's 13th request: the two faults that end a run (exit -9, then 75), and no actor kill or held read (the
+# slowest faults). One night, not more: the issue gives this test 60 s, and a night with two reruns takes about 50 s
+# on a 2-core AVX2 host. The benchmark's 200 nights (README) cover the other kinds.
+SEED, NIGHTS = 46, 1
 
 
 def _chaos(repo_root):
@@ -35,8 +36,8 @@ def _chaos(repo_root):
 
 
 def test_seeded_nights_of_faults_lose_and_duplicate_no_row(repo_root, tmp_path):
-    """Promise: a driver killed, a lease taken over, throttling and a file replaced mid-read cost no row, and
-    duplicate none; every invariant holds after every night."""
+    """Promise: a driver killed and a lease taken over cost no row and duplicate none; every invariant holds after
+    the night."""
     chaos = _chaos(repo_root)
     rng = random.Random(f"{SEED}-faults")  # the schedule is the seed's alone: drawn here as the benchmark draws it
     drawn = {f.kind for _ in range(NIGHTS) for f in chaos.draw(rng, 40)}
