@@ -200,15 +200,17 @@ def _plan(night: Night) -> None:
     _read_footers(night)
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
     model_lib.check_model_dir(cfg.model)
-    model_lib.check(cfg.model, cfg.max_length)  # its architecture and positions, from config.json alone
     night.model_id = model_lib.identity(cfg.model)  # its content: not its path, nor its name in a registry
     _check_manifest(night)
+    night.previous = manifest.records([f.input for f in night.selection.pending])
+    if not night.selection.pending and not swept:
+        return  # nothing to label: the model's config and tokenizer are not loaded (transformers stays unimported)
+    model_lib.check(cfg.model, cfg.max_length)  # its architecture and positions, from config.json alone
     night.min_scores = _thresholds(cfg)
     night.added = predict.output_columns(model_lib.task_names(cfg.model), cfg.label_prefix, cfg.long().chunked)
     _check_footers(night)  # again, for files that already have the columns the labels would add
     if swept:
         night.adopted, night.stray = sweep.adopt(out, night.selection, night.model_id, cfg.relabel)
-    night.previous = manifest.records([f.input for f in night.selection.pending])
 
 
 def _prepare_writes(night: Night) -> None:
