@@ -217,7 +217,8 @@ def _prepare_writes(night: Night) -> None:
     """Before any part runs: claim the prefix, adopt or delete a killed run's outputs, prune gone inputs,
     record the files that failed their checks, and mark the files about to be replaced."""
     cfg, manifest, committer = night.cfg, night.manifest, night.committer
-    _fence(night, "claiming the output prefix")
+    if not manifest.files or manifest.legacy:  # claim() writes only then
+        _fence(night, "claiming the output prefix")
     manifest.claim(cfg.input)
     by_input = {f.input: f for f in night.selection.pending}
     # A file about to be labelled again stops being vouched for first: if the run dies while its
@@ -378,10 +379,11 @@ def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None)
         _prepare_writes(night)
         _label_units(night)
         night.committer.close()
-        _fence(night, "compaction")
+        if night.manifest.written:  # finish() merges or compacts only what this run wrote
+            _fence(night, "compaction")
         night.tally.manifest = night.manifest.finish()
-        _fence(night, "the drift history")
-        night.tally.drift = nights.record(night)  # before the summary: a kill now leaves the night to a rerun
+        # before the summary: a kill now leaves the night to a rerun
+        night.tally.drift = nights.record(night, fence=lambda: _fence(night, "the drift history"))
     except BaseException as exc:
         crashed = f"{type(exc).__name__}: {exc}"
         raise

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -81,13 +81,17 @@ def committed_stats(out: storage.Location, state: pa.Table, runs: list[str]) -> 
     return total, missing
 
 
-def record(night: "Night") -> dict[str, Any]:
-    """Record tonight in the history (and redraw the plot); returns the summary's ``drift``."""
+def record(night: "Night", fence: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Record tonight in the history (and redraw the plot), calling ``fence`` just before writing; returns the
+    summary's ``drift``. A night with no rows of its own (and no interrupted run to fold in) reads nothing."""
     cfg, out = night.cfg, night.out
-    history = load(out)
     runs: list[str] = []
     stats = night.tally.labels
-    if night.taken_over or not cfg.lease:  # the last run may have died with labels committed
+    folds = bool(night.taken_over or not cfg.lease)  # the last run may have died with labels committed
+    if not folds and (not stats or not sum(stats[0]["counts"])):
+        return {"rows": 0, "flagged": False, "max_drift": cfg.max_drift, "note": "no rows labelled tonight"}
+    history = load(out)
+    if folds:
         state = night.manifest.current()
         runs = interrupted_runs(state, history, night.run)
         if runs:
@@ -103,6 +107,7 @@ def record(night: "Night") -> dict[str, Any]:
     prior = [n for n in history if n["night"] != key]
     result = drift.compare(entry, prior, known, cfg.max_drift)
     history = (prior + [entry])[-drift.KEEP:]
+    fence()
     storage.write_json(out.join(*HISTORY), {"format": 1, "nights": history})
     storage.write_bytes(out.join(*PNG), drift.history_png(history))
     return result | {"night": key, "history": out.join(*HISTORY).url, "plot": out.join(*PNG).url}
