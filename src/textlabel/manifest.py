@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from textlabel import storage
 from textlabel.records import RECORD_SCHEMA, FileRecord, Status, records_table
+from textlabel.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Manifest:
         if storage.exists(folded):
             doc = storage.read_json(folded)
             if doc.get("format") != 1:
-                raise storage.StorageError(f"{folded.url}: manifest format {doc.get('format')!r}; this textlabel reads 1 and {FORMAT}")
+                raise storage.StorageError(f"{redact(folded.url)}: manifest format {doc.get('format')!r}; this textlabel reads 1 and {FORMAT}")
             self.input = doc.get("input")
             records = {k: FileRecord.from_row(v) for k, v in doc["files"].items()}
             self.legacy.append(folded.path)

@@ -210,7 +210,7 @@ def _fetch_served(source: str) -> str:
     fetched = tmp / source.rstrip("/").rsplit("/", 1)[-1]  # MLflow downloads the folder into the target
     if not (fetched / "config.json").is_file():
         fetched = tmp
-    (fetched / ".complete").write_text(source)
+    (fetched / ".complete").write_text(redact(source))  # a marker: a secret in the source stays out of it
     try:
         fetched.rename(target)
     except OSError:  # another process on this node won the race: its copy is the same version
