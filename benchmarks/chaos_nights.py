@@ -302,15 +302,22 @@ class Figures:
     waiting: int = 0  # rows of inputs replaced during the last run: labelled by the next
 
 
+_READ: dict[str, tuple[str, pa.Table]] = {}  # output path -> (ETag, its columns): read again only once it changes
+
+
 def _outputs() -> dict[str, pa.Table]:
-    """Every visible output file (names starting with _ are not data) and its id and label columns."""
+    """Every visible output file (names starting with _ are not data) and its id and label columns. An output
+    whose ETag is the one read on an earlier night is not read again: the check costs the night's new outputs,
+    not the whole history again every night."""
     out = storage.resolve(OUTPUT)
     if not storage.exists(out):
         return {}
     found = {}
-    for path in storage.list_table(out, ".parquet")["path"].to_pylist():
-        found[path[len(out.path) + 1:]] = pq.read_table(path, filesystem=out.fs,
-                                                        columns=["id", "pred_label", "pred_skip_reason"])
+    listing = storage.list_table(out, ".parquet")
+    for path, etag in zip(listing["path"].to_pylist(), listing["fingerprint"].to_pylist()):
+        if _READ.get(path, ("",))[0] != etag:
+            _READ[path] = (etag, pq.read_table(path, filesystem=out.fs, columns=["id", "pred_label", "pred_skip_reason"]))
+        found[path[len(out.path) + 1:]] = _READ[path][1]
     return found
 
 
