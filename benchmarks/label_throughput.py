@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/label_throughput.py                       # shipped SST-2 sample, 40k rows
     .venv/bin/python benchmarks/label_throughput.py --rows 67349 --data ../shared/data/sst2/train.tsv
     .venv/bin/python benchmarks/label_throughput.py --rounds 0 --long-documents 2000   # the long-document row alone
+    .venv/bin/python benchmarks/label_throughput.py --layout --rounds 2 --long-documents 0   # few big files or many small
 
 Both label the same rows (Parquet in, Parquet out) with the same fine-tuned model. Each round
 runs the pipeline script, then every job configuration (with the job's defaults otherwise: the
@@ -12,6 +13,11 @@ waiting for input; the rest is Ray and the driver). The long-document row labels
 --long-documents documents of 9-25 SST-2 sentences (benchmarks/long_documents.py's "reviews", about
 4 windows of 128 tokens each) with --long-texts truncate and with chunk: rows/s and windows/s. Without --model, a model is fine-tuned once
 from the packaged all-MiniLM-L6-v2 on the shipped SST-2 sample and kept under benchmarks/out/.
+
+--layout instead labels the same --rows rows laid out as 2 files, 8 files and 2,000 files (LAYOUTS),
+alternated --rounds times, with the job's defaults: rows/s, units, and per actor (from the summary's
+``pool``) when it was ready, when it got its first unit and its busy share of the night. Every
+figure names the host's CPU and instruction set.
 """
 
 from __future__ import annotations
@@ -134,6 +140,47 @@ def long_documents(model: str, docs: int) -> list[dict]:
     return rows
 
 
+LAYOUTS = (2, 8, 2000)  # files the --rows rows are laid out in
+
+
+def host() -> str:
+    """This machine, as the README's figures name it: CPU model, instruction set, cores."""
+    from textlabel import runtime
+
+    model, flags = runtime.cpu_flags()
+    return f"{model or 'unknown CPU'}, {' '.join(runtime.isa_of(flags)) or 'no AVX2'}, {os.cpu_count()} cores"
+
+
+def layouts(model: str, texts: list[str], rows: int, rounds: int) -> dict:
+    """The same rows as few big files and many small ones, alternated: the pool kept busy in each?"""
+    runs: dict[int, list[dict]] = {n: [] for n in LAYOUTS}
+    for files in LAYOUTS:
+        write_corpus(texts, rows, OUT / f"corpus-{files}", rows_per_file=-(-rows // files))
+    for round_ in range(rounds):
+        for files in LAYOUTS:
+            _, summary, job = run_job(model, OUT / f"corpus-{files}", OUT / "job-labels-layout", [])
+            assert job.num_rows == rows and job["id"].to_pylist() == list(range(rows))
+            pool = summary["pool"]
+            run = {"files": files, "rows_per_file": -(-rows // files), "rows_per_s": summary["rows_per_second"],
+                   "units": summary["units"], "actors": len(pool.get("actors", [])),
+                   "busy_share": [a["busy_share"] for a in pool.get("actors", [])],
+                   "ready_s": [a["ready_s"] for a in pool.get("actors", [])],
+                   "first_unit_s": [a["first_unit_s"] for a in pool.get("actors", [])],
+                   "units_per_actor": [a["units"] for a in pool.get("actors", [])],
+                   "labelling_s": pool.get("labelling_s"), "seconds": summary["seconds"],
+                   "isa": sorted({a.get("isa", "") for a in pool.get("actors", [])})}
+            runs[files].append(run)
+            print(f"round {round_ + 1} layout {files} files: {json.dumps(run)}", flush=True)
+    table = [{"files": n, "rows_per_file": rs[0]["rows_per_file"],
+              "rows_per_s": round(float(np.mean([r["rows_per_s"] for r in rs])), 1),
+              "units": rs[0]["units"], "busy_share_min": min(min(r["busy_share"] or [0.0]) for r in rs),
+              "busy_share_per_round": [r["busy_share"] for r in rs]} for n, rs in runs.items() if rs]
+    best = max((t["rows_per_s"] for t in table), default=0.0)
+    for t in table:
+        t["vs_best"] = round(t["rows_per_s"] / best, 3) if best else 0.0
+    return {"host": host(), "rows": rows, "rounds": rounds, "layouts": table, "runs": runs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=40_000)
@@ -145,9 +192,17 @@ def main() -> None:
                              f"(default: {' and '.join(repr(c) for c in JOB_CONFIGS)})")
     parser.add_argument("--long-documents", type=int, default=2000, help="documents in the long-document row (0: none)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--layout", action="store_true",
+                        help=f"compare the same rows as {', '.join(map(str, LAYOUTS))} files instead (the job's defaults)")
     args = parser.parse_args()
 
     model = ensure_model(args.model)
+    if args.layout:
+        result = layouts(model, read_texts(args.data), args.rows, args.rounds)
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
     corpus = OUT / "corpus"
     write_corpus(read_texts(args.data), args.rows, corpus)
     configs = args.job_args or JOB_CONFIGS
@@ -174,7 +229,7 @@ def main() -> None:
              "speedup_per_round": [r["speedup_vs_this_rounds_pipeline"] for r in rs],
              "label_agreement_with_pipeline": min(r["label_agreement_with_pipeline"] for r in rs),
              "profile_seconds": rs[-1]["profile_seconds"]} for c, rs in runs.items() if rs]
-    result = {"rows": args.rows, "files": len(list(corpus.glob("*.parquet"))), "rounds": args.rounds,
+    result = {"host": host(), "rows": args.rows, "files": len(list(corpus.glob("*.parquet"))), "rounds": args.rounds,
               "pipeline_rows_per_s": round(pipe_rate, 1), "pipeline_rows_per_s_per_round": [round(r, 1) for r in pipe_rates],
               "jobs": jobs, "runs": runs, "long_documents": long_rows}
     print(json.dumps(result, indent=2))

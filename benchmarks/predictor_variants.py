@@ -81,7 +81,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(sdpa), {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                       dtype=torch.qint8)
-    onnx_full, onnx_int8 = runtime._onnx_engines(model_lib._logits_list()(sdpa).eval(), 1, 1, quantize=True)
+    onnx_full, onnx_int8, _ = runtime._onnx_engines(model_lib._logits_list()(sdpa).eval(), 1, 1, quantize=True)
     variants = {
         "torch fp32 (sdpa)": torch_engine(sdpa),
         "torch fp32 (eager attention)": torch_engine(load("eager")),

@@ -136,14 +136,17 @@ def _footer(fs, listed: plan.Listed) -> plan.Footer | Exception:
         return exc
 
 
-def _read_footers(night: Night) -> None:
-    """Footers of the big pending files (to split them) and of a spread sample of the rest (to fail fast)."""
+def _read_footers(night: Night, wanted: list[plan.Listed] | None = None) -> None:
+    """Footers of ``wanted``; by default of the big pending files (to split them) and of a spread sample of the
+    rest (to fail fast). A file replaced since the listing is left to the next run; one unreadable fails."""
     pending = night.selection.pending
-    big = [f for f in pending if plan.is_big(f, night.cfg.part_bytes)]
-    step = max(1, len(pending) // SAMPLE)
-    wanted = {f.input: f for f in big + pending[::step][:SAMPLE]}
+    if wanted is None:
+        big = [f for f in pending if plan.is_big(f, night.cfg.part_bytes)]
+        step = max(1, len(pending) // SAMPLE)
+        wanted = big + pending[::step][:SAMPLE]
+    todo = {f.input: f for f in wanted if f.input not in night.footers and f.input not in night.failed}
     with ThreadPoolExecutor(16) as pool:
-        found = dict(zip(wanted, pool.map(lambda f: _footer(night.src.fs, f), wanted.values())))
+        found = dict(zip(todo, pool.map(lambda f: _footer(night.src.fs, f), todo.values())))
     replaced = set()
     for name, footer in found.items():
         if not isinstance(footer, Exception):
@@ -157,7 +160,6 @@ def _read_footers(night: Night) -> None:
         night.tally.changed += sorted(replaced)
         logger.info("%d file(s) replaced since the listing are left to the next run: %s", len(replaced),
                     ", ".join(sorted(replaced)[:20]))
-    night.failed |= sweep.move_misnamed(night)  # before any output is written under the names they had
 
 
 def _check_footers(night: Night) -> None:
@@ -198,6 +200,7 @@ def _plan(night: Night) -> None:
                        len(night.selection.quarantined), ", ".join(night.selection.quarantined[:20]))
     night.tally.swept = swept
     _read_footers(night)
+    night.failed |= sweep.move_misnamed(night)  # before any output is written under the names they had
     _check_footers(night)  # a wrong --text-column fails here, before any model is looked at
     model_lib.check_model_dir(cfg.model)
     night.model_id = model_lib.identity(cfg.model)  # its content: not its path, nor its name in a registry
@@ -293,20 +296,25 @@ def _spec(night: Night) -> LabellerSpec:
 
 
 def _start_pool(night: Night, start_ray: Callable[[], None] | None) -> None:
-    """Cut the pending files into units; when there are any, start Ray and size the pool to the cluster."""
+    """When there is anything to label: start Ray, size the pool to the cluster, and cut the pending files into
+    units for it (plan.make_units: a night of few files has its files cut into row ranges, from footers read
+    here), then cap the pool at the units."""
     cfg = night.cfg
     pending = [f for f in night.selection.pending if f.input not in night.failed]
-    explicit = cfg.actors()
-    cores = os.cpu_count() or 1
-    guess = explicit[1] if explicit else max(1, cores // pool_lib.cpu_threads(cores))  # before Ray knows
-    night.units = plan.make_units(pending, night.footers, cfg.rows_per_file, cfg.part_bytes, guess)
-    night.tally.units = len(night.units)
-    if not night.units:
+    if not pending:
         return
     if start_ray:
         start_ray()
-    night.pool = pool_lib.for_job(cfg, len(night.units))
-    night.tally.pool = night.pool.as_dict()
+    actors = pool_lib.for_job(cfg, None).max_actors
+    if plan.cuts_files(len(pending), actors):  # every footer, to cut every file
+        _read_footers(night, pending)
+        _check_footers(night)
+        pending = [f for f in night.selection.pending if f.input not in night.failed]
+    night.units = plan.make_units(pending, night.footers, cfg.rows_per_file, cfg.part_bytes, actors)
+    night.tally.units = len(night.units)
+    if night.units:
+        night.pool = pool_lib.for_job(cfg, len(night.units))
+        night.tally.pool = night.pool.as_dict()
 
 
 def _label_units(night: Night) -> None:
@@ -318,8 +326,9 @@ def _label_units(night: Night) -> None:
 
     cfg, pool = night.cfg, night.pool
     pending = {f.input: f for f in night.selection.pending if f.input not in night.failed}  # what the units hold
-    logger.info("%d files to label in %d units (%d parts of big files, packs of the rest)", len(pending),
-                len(night.units), sum(1 for u in night.units if u.items[0].part))
+    logger.info("%d files to label in %d units (%d row ranges of files, %d packs of whole files)", len(pending),
+                len(night.units), sum(1 for u in night.units if u.items[0].part),
+                sum(1 for u in night.units if not u.items[0].part))
     night.wrote = True
     tracker = ray.remote(num_cpus=0)(Tracker).remote(cfg.part_timeout)
     terminal = progress.interactive()
@@ -327,7 +336,7 @@ def _label_units(night: Night) -> None:
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
-        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=2),
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=1),  # an idle actor takes the next unit: none queued behind a busy one
         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0,
     )
     results: dict[str, list[ItemResult]] = {}
@@ -345,9 +354,26 @@ def _label_units(night: Night) -> None:
                 results.setdefault(r.input, []).append(r)
                 if len({x.part for x in results[r.input]}) == r.parts:
                     done.file_done(failed=_finish_file(night, pending[r.input], results.pop(r.input)))
+    _pool_report(night, tracker)
     missing = set(pending) - set(night.tally.finished)
     if missing:
         raise RuntimeError(f"{len(missing)} file(s) never came back from the actor pool; rerun to finish them")
+
+
+def _pool_report(night: Night, tracker) -> None:
+    """The actors' figures (labeller.Tracker.report: ready and first-unit times, busy share, instruction set) into
+    the summary's ``pool``; a tracker that does not answer in time costs the figures, not the night."""
+    import ray
+
+    try:
+        night.tally.pool = (night.tally.pool or {}) | ray.get(tracker.report.remote(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - figures only
+        logger.warning("the predictor pool's figures could not be read (%s: %s)", type(exc).__name__, exc)
+    for a in (night.tally.pool or {}).get("actors", []):
+        logger.info("actor %s on %s (%s; %s%s): ready at %ss, first unit at %ss, %d unit(s), busy %.0f%% of %ss",
+                    a["actor"], a.get("node"), a.get("isa"), a.get("runtime"), " int8" if a.get("int8") else "",
+                    a.get("ready_s"), a.get("first_unit_s"), a["units"], 100 * a["busy_share"],
+                    night.tally.pool["labelling_s"])
 
 
 def run_labelling(cfg: LabelConfig, start_ray: Callable[[], None] | None = None) -> dict[str, Any]:

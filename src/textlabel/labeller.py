@@ -87,6 +87,8 @@ class _Attempt:
     last: float
     doing: str
     killed: bool = False
+    who: str = ""  # the actor's id, for its busy time
+    began: float = 0.0
 
 
 class Tracker:
@@ -102,18 +104,46 @@ class Tracker:
         self.why: dict[str, str] = {}  # how a unit's last attempt ended, when the driver knows (a timeout)
         self.finished: dict[str, list[str]] = {}
         self.actors = 0  # actors that reached their constructor: the pool was scheduled
+        self.began = time.monotonic()  # the pool was asked for
+        self.pool: dict[str, dict[str, Any]] = {}  # per actor: when it arrived, was ready, got work; busy seconds
 
-    def arrived(self) -> None:
+    def _since(self) -> float:
+        return round(time.monotonic() - self.began, 2)
+
+    def arrived(self, who: str = "") -> None:
         self.actors += 1
+        if who:
+            actor = self.pool.setdefault(who, {"arrived_s": self._since(), "ready_s": None, "first_unit_s": None,
+                                               "units": 0, "busy_s": 0.0, "starts": 0})
+            actor["starts"] += 1  # more than one: Ray restarted it (it died)
+
+    def ready(self, who: str, facts: dict[str, Any]) -> None:
+        """An actor loaded its model: when, and what it runs on (runtime.host_facts)."""
+        self.pool.setdefault(who, {"arrived_s": None, "first_unit_s": None, "units": 0, "busy_s": 0.0, "starts": 1})
+        self.pool[who] |= {"ready_s": self._since(), **facts}
+
+    def report(self) -> dict[str, Any]:
+        """The pool over the night so far: per actor, its times (seconds since the pool was asked for), units
+        and busy share (seconds holding a unit over the night's labelling seconds)."""
+        night = max(self._since(), 1e-9)
+        actors = [{"actor": who[:12], **a, "busy_s": round(a["busy_s"], 2), "busy_share": round(a["busy_s"] / night, 4)}
+                  for who, a in sorted(self.pool.items(), key=lambda kv: (kv[1]["ready_s"] is None, kv[1]["ready_s"] or 0))]
+        return {"labelling_s": round(night, 2), "actors": actors,
+                "busy_share_min": min((a["busy_share"] for a in actors), default=0.0)}
 
     def started(self) -> int:
         return self.actors
 
-    def start(self, key: str, actor: Any = None, doing: str = "") -> tuple[int, str | None, dict[str, list[str]]]:
-        """A unit starts on ``actor``: its attempts so far, how the last ended, and its finished files' results."""
+    def start(self, key: str, actor: Any = None, doing: str = "", who: str = "") -> tuple[int, str | None, dict[str, list[str]]]:
+        """A unit starts on ``actor`` (``who``: its id): its attempts so far, how the last ended, and its finished
+        files' results."""
         if key in self.running:  # its last attempt never ended: its actor died, or was killed for a timeout
             self.deaths[key] += 1
-        self.running[key] = _Attempt(actor, time.monotonic(), doing)
+        now = time.monotonic()
+        self.running[key] = _Attempt(actor, now, doing, who=who, began=now)
+        figures = self.pool.get(who)
+        if figures is not None and "/" not in key and figures["first_unit_s"] is None:
+            figures["first_unit_s"] = self._since()
         self.progress(key, doing)  # a file of a split pack starting: its pack moves
         prefix = key + "/"
         return self.deaths[key], self.why.get(key), {k: v for k, v in self.finished.items() if k.startswith(prefix)}
@@ -126,7 +156,11 @@ class Tracker:
                 attempt.last, attempt.doing = time.monotonic(), doing
 
     def end(self, key: str) -> None:
-        self.running.pop(key, None)
+        attempt = self.running.pop(key, None)
+        figures = self.pool.get(attempt.who) if attempt is not None else None
+        if figures is not None and "/" not in key:  # a unit (not a file of a pack run one by one inside it)
+            figures["units"] += 1
+            figures["busy_s"] += time.monotonic() - attempt.began
 
     def finish(self, key: str, results: list[str]) -> None:
         self.finished[key] = results
@@ -213,17 +247,27 @@ def windows_of(events: Iterator[tuple[str, Any]], text_column: str, max_rows: in
         yield window
 
 
+def _content_identity(model_id: str) -> str | None:
+    """A model identity that names content (model.identity: a hash, or the packaged model's version), to key
+    caches by; None for a hub id, which names no content."""
+    return model_id if model_id.startswith("sha256:") or " " in model_id else None
+
+
 class PartLabeller:
     """Ray Data actor (map_batches): a batch of units (JSON) in, one result row per output file out."""
 
     def __init__(self, spec: dict[str, Any], tracker: Any = None):
         start = time.perf_counter()
+        self.who = ""
         if tracker is not None:  # scheduled: what --schedule-timeout waits for (the model may take a while to load)
-            tracker.arrived.remote()
+            import ray
+
+            self.who = ray.get_runtime_context().get_actor_id() or ""
+            tracker.arrived.remote(self.who)
         self.spec = LabellerSpec(**spec)
         s = self.spec
         self._key, self._doing, self._beaten = "", "", 0.0  # the unit labelled, what it does, when last told
-        self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks)
+        self.predictor = predict.Predictor(s.model, **s.predictor, hooks=s.hooks, identity=_content_identity(s.model_id))
         self.long = predict.LongTexts(**s.long_texts)
         self.min_scores = [None if m is None else np.asarray(m) for m in s.min_scores] if s.min_scores else None
         self.out = storage.resolve(s.output)
@@ -233,6 +277,8 @@ class PartLabeller:
         if "multipart_bytes" in s.hooks:  # test hook: upload even a small output in parts
             storage.MULTIPART_BYTES = int(s.hooks["multipart_bytes"])
         self.timings: Counter = Counter(init_seconds=time.perf_counter() - start)  # this actor's, sent with results
+        if tracker is not None:
+            tracker.ready.remote(self.who, self.predictor.facts())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         results = [r for text in batch["unit"].to_pylist() for r in self.label_unit(Unit.from_json(text))]
@@ -246,7 +292,7 @@ class PartLabeller:
         import ray
 
         actor = ray.get_runtime_context().current_actor
-        return ray.get(self.tracker.start.remote(key, actor, f"reading {_rows_of(item)}"))
+        return ray.get(self.tracker.start.remote(key, actor, f"reading {_rows_of(item)}", self.who))
 
     def _end(self, key: str) -> None:
         if self.tracker is not None:

@@ -8,9 +8,14 @@ unit-tested in milliseconds, at any scale.
 2. ``split``: a big file is cut into parts of at most --rows-per-file rows and
    --part-bytes uncompressed bytes, at row-group boundaries, and inside a row group that
    is too big alone. Each part is one output file, named by ``records.part_name``.
-3. ``make_units``: the actors' work. Each part of a big file is a unit; small files (up
-   to PACK_FILE_BYTES, read whole in one request) are packed together, so a corpus of many
-   small files pays per pack, not per file, for tasks, model batches and scheduling.
+3. ``make_units``: the actors' work, at least UNITS_PER_ACTOR units per actor when the rows
+   allow, so that every actor is busy from the first second to the last. Each part of a big
+   file is a unit; small files (up to PACK_FILE_BYTES, read whole in one request) are packed
+   together, so a corpus of many small files pays per pack, not per file, for tasks, model
+   batches and scheduling. A night of fewer files than that (``cuts_files``: a handful of
+   daily exports on many actors) cuts every file, from its footer, into row ranges of an
+   even share of the night's rows (no fewer than MIN_PART_ROWS each): two files on two
+   actors make eight units, not two units on whichever actor was ready first.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from textlabel.records import ESCAPED, FileRecord, Status, owner, part_name, vou
 PACK_FILE_BYTES = 16 << 20  # a file up to this size is read whole and packed with others
 PACK_BYTES = 64 << 20  # most bytes of files in one pack
 PACK_FILES = 1000  # most files in one pack
-UNITS_PER_ACTOR = 4  # packs are made small enough to give every actor a few
+UNITS_PER_ACTOR = 4  # units are made small enough to give every actor a few
+MIN_PART_ROWS = 1024  # a file is cut no finer than this to spread a small night over many actors
 _ESCAPED_INPUT = ESCAPED + r"\.parquet$"  # an input records.part_name escapes (RE2: $ ends the text)
 
 
@@ -318,18 +324,32 @@ def is_big(f: Listed, most_bytes: int) -> bool:
     return f.size > min(PACK_FILE_BYTES, most_bytes)
 
 
+def cuts_files(files: int, actors: int) -> bool:
+    """Whether a night of ``files`` pending files on ``actors`` actors cuts every file into row ranges (so the
+    driver reads every pending footer): when packing whole files could not give each actor UNITS_PER_ACTOR units."""
+    return 0 < files < UNITS_PER_ACTOR * max(1, actors)
+
+
 def make_units(pending: list[Listed], footers: dict[str, Footer], most_rows: int, most_bytes: int,
                actors: int) -> list[Unit]:
-    """The units for the pending files: one per part of each big file (is_big: its footer must be in
-    ``footers``), packs of the rest. Biggest first, so the night does not end waiting on one big part."""
-    big = {f.input for f in pending if is_big(f, most_bytes)}
+    """The units for the pending files on a pool of ``actors``: one per part of each big file (is_big: its footer
+    must be in ``footers``), packs of the rest; or, when there are too few files for that to give every actor
+    UNITS_PER_ACTOR units (cuts_files), one per row range of every file whose footer is known, each about an
+    even share of the night's rows (at least MIN_PART_ROWS, at most ``most_rows``). Biggest first, so the night
+    does not end waiting on one big part."""
+    cut = {f.input for f in pending if is_big(f, most_bytes)}
+    rows_each = most_rows
+    if cuts_files(len(pending), actors):
+        cut |= {f.input for f in pending if f.input in footers}
+        total = sum(footers[f].rows for f in cut)
+        rows_each = min(most_rows, max(MIN_PART_ROWS, -(-total // (UNITS_PER_ACTOR * max(1, actors)))))
     units: list[list[Item]] = []
     for f in pending:
-        if f.input in big:
+        if f.input in cut:
             rows = max(1, footers[f.input].rows)
             units += [[Item(f.input, f.path, f.size, f.fingerprint, p, f.size * (p.stop - p.start) // rows)]
-                      for p in split(footers[f.input], most_rows, most_bytes)]
-    small = [f for f in pending if f.input not in big]
+                      for p in split(footers[f.input], rows_each, most_bytes)]
+    small = [f for f in pending if f.input not in cut]
     units += [[Item(f.input, f.path, f.size, f.fingerprint, None, f.size) for f in pack] for pack in _packs(small, actors)]
     made = [Unit(0, items) for items in units]
     made.sort(key=lambda u: -u.bytes)

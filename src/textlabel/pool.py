@@ -55,27 +55,27 @@ class Pool:
         return asdict(self)
 
 
-def size_pool(explicit: tuple[int, int] | None, cluster: Cluster, use_gpu: bool, units: int,
+def size_pool(explicit: tuple[int, int] | None, cluster: Cluster, use_gpu: bool, units: int | None,
               cpus_per_actor: float | None = None, gpus_per_actor: float = 1.0, threads: int | None = None) -> Pool:
     """The pool for ``units`` units of work on ``cluster`` (``explicit``: --num-actors MIN,MAX, None for auto):
-    no more actors than units. Auto sizes to what the cluster has when the run starts."""
+    no more actors than units (None: not capped yet). Auto sizes to what the cluster has when the run starts."""
     if use_gpu:
         per_gpu = min((c / g for c, g in zip(cluster.node_cpus, cluster.node_gpus) if g), default=1.0)
         cpus = cpus_per_actor or max(1.0, min(GPU_FEED_CPUS, per_gpu - 1))
         lo = hi = max(1, int(cluster.gpus // gpus_per_actor))
         lo, hi = explicit or (lo, hi)
         why = "as asked" if explicit else f"one per GPU ({cluster.gpus:g} GPUs), {cpus:g} CPUs each to read and tokenize"
-        return _capped(Pool(lo, hi, cpus, gpus_per_actor, threads or max(1, round(cpus)), why), units)
+        return capped(Pool(lo, hi, cpus, gpus_per_actor, threads or max(1, round(cpus)), why), units)
     if explicit:
         cpus = cpus_per_actor or float(threads or 1)
-        return _capped(Pool(*explicit, cpus, 0.0, threads or max(1, round(cpus)), "as asked"), units)
+        return capped(Pool(*explicit, cpus, 0.0, threads or max(1, round(cpus)), "as asked"), units)
     node = max(cluster.node_cpus, default=0.0)
     per_actor = threads or cpu_threads(node)
     cpus = cpus_per_actor or float(per_actor)
     actors = sum(int(c // cpus) for c in cluster.node_cpus) or 1
     why = (f"{cluster.cpus:g} CPUs on {len(cluster.node_cpus)} node(s): {actors} actor(s) x {per_actor} model thread(s)"
            if node >= 1 else "no CPUs yet (an autoscaling cluster): one actor, which waits for a node")
-    return _capped(Pool(actors, actors, cpus, 0.0, per_actor, why), units)
+    return capped(Pool(actors, actors, cpus, 0.0, per_actor, why), units)
 
 
 def cpu_threads(node_cpus: float) -> int:
@@ -84,7 +84,10 @@ def cpu_threads(node_cpus: float) -> int:
     return max(1, min(MAX_THREADS, int(node_cpus) // 8))
 
 
-def _capped(pool: Pool, units: int) -> Pool:
+def capped(pool: Pool, units: int) -> Pool:
+    """The pool with no more actors than ``units`` units of work."""
+    if units is None:
+        return pool
     hi = max(1, min(pool.max_actors, units))
     why = pool.why if hi == pool.max_actors else f"{pool.why}; capped at {units} unit(s) of work"
     return Pool(min(pool.min_actors, hi), hi, pool.cpus_per_actor, pool.gpus_per_actor, pool.threads, why)
@@ -111,12 +114,15 @@ def check_fits(pool: Pool, found: Cluster) -> None:
                        f"the cluster's {found.cpus:g} CPUs; lower --num-actors or --cpus-per-actor"])
 
 
-def for_job(options, units: int) -> Pool:
+def for_job(options, units: int | None) -> Pool:
     """The pool a job's inference options (config.InferenceOptions) give for ``units`` units on the running
-    Ray cluster, checked to fit and logged."""
+    Ray cluster, checked to fit and logged; with ``units`` None, the pool before the work is cut for it (its
+    actors: how many units to cut), neither capped nor checked."""
     found = cluster()
     pool = size_pool(options.actors(), found, options.use_gpu, units, options.cpus_per_actor, options.gpus_per_actor,
                      options.threads_per_actor)
+    if units is None:
+        return pool
     check_fits(pool, found)
     logger.info("predictor pool: %d-%d actors x %g CPUs, %d model thread(s) each (%s)", pool.min_actors,
                 pool.max_actors, pool.cpus_per_actor, pool.threads, pool.why)

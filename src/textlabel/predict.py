@@ -276,7 +276,10 @@ class Predictor:
 
     def __init__(self, model: str | None, *, use_gpu: bool = False, quantize: bool = False, threads: int = 1,
                  recheck_margin: float = 0.0, max_tokens: int | None = None, max_rows: int = 1024,
-                 precision: str | None = None, compile: bool = False, runtime: str = "auto", hooks: dict | None = None):
+                 precision: str | None = None, compile: bool = False, runtime: str = "auto", hooks: dict | None = None,
+                 identity: str | None = None):
+        """``identity``: the model's content identity (model.identity), which keys its ONNX export in the node's
+        cache; without it the export is made anew."""
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -291,7 +294,9 @@ class Predictor:
         net = net.to(device, dtype=dtype)  # cast once: no autocast over fp32 weights
         if compile:
             net = torch.compile(net, dynamic=True)
-        self.full, self.fast = runtime_lib.engines(net, len(self.tasks), device, threads, quantize, self.runtime)
+        self.full, self.fast, self.onnx_cache = runtime_lib.engines(net, len(self.tasks), device, threads, quantize,
+                                                                    self.runtime, identity)
+        self.quantize, self.threads = quantize, threads
         self.device = device
         self.recheck_margin = recheck_margin if quantize else 0.0
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS["gpu" if use_gpu else "cpu"]
@@ -299,6 +304,11 @@ class Predictor:
         self.pad_id = model_lib.pad_token_id(net, tokenizer_for(model))  # a decoder pools the last token before it
         self.hooks = hooks or {}
         self.stats = Stats()
+
+    def facts(self) -> dict:
+        """What this predictor runs on and how (runtime.host_facts, the runtime, int8 or not, the ONNX cache)."""
+        return runtime_lib.host_facts() | {"runtime": self.runtime, "precision": self.precision, "threads": self.threads,
+                                           "int8": self.quantize, **({"onnx_cache": self.onnx_cache} if self.onnx_cache else {})}
 
     def _arrays(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Padded token ids and attention mask, built without a Python loop per row (a GPU batch has thousands)."""

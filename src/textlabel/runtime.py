@@ -4,25 +4,34 @@ int64 numpy arrays of rows x width, returning the logits of each task as float32
 - ``torch``: the model as loaded: fp32 on CPU (dynamic int8 Linear layers with ``quantize``); on
   a GPU, bf16 weights cast once, SDPA attention, inputs through pinned memory with non-blocking
   copies, and ``torch.compile`` (dynamic shapes) when asked.
-- ``onnx``: the same model exported to ONNX in the actor when it starts (about a second for a
-  6-layer model) and run by ONNX Runtime's CPU provider; with ``quantize``, its per-channel
-  dynamic int8. Side by side on this project's 2-core machine, one thread each
+- ``onnx``: the same model exported to ONNX and run by ONNX Runtime's CPU provider; with
+  ``quantize``, its per-channel dynamic int8. The export (and the int8 model) is cached on
+  the node beside the model cache (``onnx_cached``), keyed by the model's content identity, so
+  only the first night on a node pays for it; an entry whose files do not match the hashes it
+  recorded (a crash mid-write, a disk fault) is rebuilt. Side by side on this project's 2-core machine, one thread each
   (benchmarks/predictor_variants.py): fp32 1.18x torch's speed with the same labels, int8 1.04x
   torch's int8 moving 2.4x fewer labels before the fp32 recheck; in the labelling job 1.14x and
   1.06x end to end (README, "Measured figures"). The default on CPU; GPUs run torch.
 
 ``choose`` picks the runtime; ``engines`` builds the full-precision engine and the fast one
-(the same object unless quantized).
+(the same object unless quantized). ``host_facts`` says what an actor runs on (the CPU's
+instruction set: AVX2, AVX-512, VNNI, BF16, AMX; the GPU), for the run's summary.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
+import platform
+import shutil
+import socket
 import tempfile
 import warnings
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +40,44 @@ logger = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
 ONNX_MAX_BYTES = 1_500_000_000  # one ONNX protobuf holds at most 2 GB: bigger models run on torch
 Engine = Callable[[np.ndarray, np.ndarray], list[np.ndarray]]
+EXPORT_FORMAT = 1  # bump when export_onnx changes what it writes: cached exports of older formats are not used
+# CPU flags (/proc/cpuinfo) that decide how fast a model runs, by the names people know them by.
+ISA_FLAGS = {"AVX2": ("avx2",), "AVX-512": ("avx512f",), "VNNI": ("avx512_vnni", "avx_vnni"),
+             "BF16": ("avx512_bf16", "amx_bf16"), "AMX": ("amx_tile",)}
+
+
+def isa_of(flags: set[str]) -> list[str]:
+    """The instruction-set extensions in a CPU's flags that matter to inference, e.g. ["AVX2", "AVX-512", "VNNI"]."""
+    return [name for name, names in ISA_FLAGS.items() if flags & set(names)]
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """(model name, flags) of this machine's first CPU; ("", set()) where /proc is not Linux's."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return platform.processor(), set()
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def host_facts() -> dict[str, Any]:
+    """What this process runs on: node, CPU model and instruction set, what torch dispatches to, the GPU."""
+    import torch
+
+    model, flags = cpu_flags()
+    facts: dict[str, Any] = {"node": socket.gethostname(), "pid": os.getpid(), "cpu": model,
+                             "isa": " ".join(isa_of(flags)) or platform.machine(),
+                             "torch_cpu": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
 
 
 def onnx_installed() -> bool:
@@ -93,17 +140,19 @@ def export_onnx(net, path: str, outputs: int) -> None:
                           dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
-def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: str) -> tuple[Engine, Engine]:
-    """(full precision, fast) engines for a loaded module on ``runtime`` (torch or onnx)."""
+def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: str, identity: str | None = None
+            ) -> tuple[Engine, Engine, dict[str, str]]:
+    """(full precision, fast) engines for a loaded module on ``runtime`` (torch or onnx), and how ONNX files came
+    (from the node's cache or built: ``onnx_cached``; ``identity``, the model's content identity, keys them)."""
     if runtime == "onnx":
         size = sum(p.numel() * p.element_size() for p in net.parameters())
         if size > ONNX_MAX_BYTES:
             logger.warning("the model has %.1f GB of weights, over what one ONNX file holds: running it on torch", size / 1e9)
         else:
-            return _onnx_engines(net, outputs, threads, quantize)
+            return _onnx_engines(net, outputs, threads, quantize, identity)
     full = TorchEngine(net, device)
     if not quantize:
-        return full, full
+        return full, full, {}
     import copy
 
     import torch
@@ -114,7 +163,7 @@ def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: st
         # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
         fast = torch.ao.quantization.quantize_dynamic(as_linear(copy.deepcopy(net)), {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                       dtype=torch.qint8)
-    return full, TorchEngine(fast, device)
+    return full, TorchEngine(fast, device), {}
 
 
 def as_linear(net):
@@ -135,21 +184,100 @@ def as_linear(net):
     return net
 
 
-def _onnx_engines(net, outputs: int, threads: int, quantize: bool) -> tuple[Engine, Engine]:
-    with tempfile.TemporaryDirectory(prefix="textlabel-onnx-") as work:  # sessions hold the model: files go at once
-        fp32 = os.path.join(work, "model.onnx")
-        export_onnx(net, fp32, outputs)
-        full = OnnxEngine(fp32, threads)
-        if not quantize:
-            return full, full
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-        int8 = os.path.join(work, "int8.onnx")
-        quiet = logging.getLogger()
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # its advice to pre-process first is for static quantization
+
+def onnx_cached(key: list[Any] | None, build: Callable[[str], None], name: str = "model.onnx") -> tuple[Path, str]:
+    """The ONNX file ``build(path)`` writes, from the node's cache when ``key`` (what the file is made from: the
+    model's content identity, the variant, the exporter's versions) has a sound entry there: (its directory, "hit",
+    "miss" or "rebuilt"). An entry is a directory written whole beside its final name and renamed into place, with
+    a marker of its files' sha256 written last; one whose files do not hash to the marker, or have no marker, is
+    rebuilt. Without a key (a hub id, no content identity), built in a temporary directory every time."""
+    if key is None:
+        work = Path(tempfile.mkdtemp(prefix="textlabel-onnx-"))
+        build(str(work / name))
+        return work, "uncached"
+    from textlabel import storage
+
+    target = storage.cache_root() / "onnx" / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+    marker = target / ".complete"
+    how = "miss"
+    if target.exists():
         try:
-            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
-        finally:
-            quiet.setLevel(level)
-        return full, OnnxEngine(int8, threads)
+            files = json.loads(marker.read_text())["files"]
+            if files and all(_sha256(target / n) == h for n, h in files.items()):
+                return target, "hit"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        how = "rebuilt"
+        logger.warning("the cached ONNX export %s is incomplete or corrupt: rebuilding it", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+    build(str(tmp / name))
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / ".complete").write_text(json.dumps({"key": key, "files": files}))
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        try:
+            target.rename(old)
+        except OSError:  # another actor on this node moved it first
+            pass
+    try:
+        tmp.rename(target)
+    except OSError:  # another actor on this node put its (equally good) build in place first
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return target, how
+
+
+def _export_key(identity: str | None, outputs: int, variant: str) -> list[Any] | None:
+    """What a cached ONNX file is made from; None (not cached) without a content identity."""
+    if not identity:
+        return None
+    import onnx
+    import onnxruntime
+    import torch
+
+    return [identity, outputs, variant, EXPORT_FORMAT, torch.__version__, onnx.__version__, onnxruntime.__version__]
+
+
+def _onnx_engines(net, outputs: int, threads: int, quantize: bool, identity: str | None = None
+                  ) -> tuple[Engine, Engine, dict[str, str]]:
+    """(full, fast, how each file came: the cache's hit/miss/rebuilt)."""
+    made: list[Path] = []
+
+    def cached(variant: str, build: Callable[[str], None]) -> Path:
+        where, how = onnx_cached(_export_key(identity, outputs, variant), build)
+        came[variant] = how
+        if how == "uncached":
+            made.append(where)
+        return where / "model.onnx"
+
+    came: dict[str, str] = {}
+    try:
+        fp32 = cached("fp32", lambda path: export_onnx(net, path, outputs))
+        full = OnnxEngine(str(fp32), threads)
+        if not quantize:
+            return full, full, came
+        int8 = cached("int8-dynamic-per-channel", lambda path: _quantize_dynamic(str(fp32), path))
+        return full, OnnxEngine(str(int8), threads), came
+    finally:
+        for work in made:  # sessions hold the model: uncached files go at once
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _quantize_dynamic(fp32: str, int8: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = logging.getLogger()
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its advice to pre-process first is for static quantization
+    try:
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        quiet.setLevel(level)

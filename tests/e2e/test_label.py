@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
@@ -18,20 +20,38 @@ def _label(args: list) -> int:
     return label_main([str(a) for a in args])
 
 
-def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
-    """Promise: label.py labels every row of a Parquet prefix on S3 into S3, once, keeping every input column."""
-    corpus = make_corpus(f"{s3_prefix}/corpus", [700, 300, 5])
+def _in_thread(target, *args):
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", target(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_labels_a_corpus_from_s3_to_s3_with_every_actor_at_work(trained, s3_prefix, s3_faults):
+    """Promise: label.py labels every row of a Parquet prefix on S3 into S3, once, keeping every input column; a
+    night of few files keeps every actor of the pool at work (its files are cut into row ranges)."""
+    corpus = make_corpus(f"{s3_prefix}/corpus", [2100, 1005])  # two files, two actors
     # Two rows without text: kept, with a null label, never given a made-up one.
     texts = corpus["text"].to_pylist()
-    texts[5] = texts[900] = None
+    texts[5] = texts[2200] = None
     corpus = corpus.set_column(1, "text", pa.array(texts, pa.string()))
-    put_parquet(f"{s3_prefix}/corpus/part-0.parquet", corpus.slice(0, 700))
-    put_parquet(f"{s3_prefix}/corpus/part-1.parquet", corpus.slice(700, 300))
+    put_parquet(f"{s3_prefix}/corpus/part-0.parquet", corpus.slice(0, 2100))
+    put_parquet(f"{s3_prefix}/corpus/part-1.parquet", corpus.slice(2100, 1005))
     model = f"{trained['output']}/model"
     out = f"{s3_prefix}/labels"
-    assert _label(["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
-                   "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "1,2", "--cpus-per-actor", 0.5,
-                   "--max-length", 32]) == 0
+    # The first actor to write an output is held there, busy with its unit, until the other actor writes one too:
+    # with both files as one unit each, the first actor ready took both and the second hold never arrived.
+    first = s3_faults.hold("PUT", f"{out[5:]}/part-")
+    job, result = _in_thread(_label, ["--model", model, "--input", f"{s3_prefix}/corpus/", "--output", out,
+                                      "--label-prefix", "pred_", "--batch-size", 16, "--num-actors", "2",
+                                      "--cpus-per-actor", 0.5, "--max-length", 32])
+    first.wait(120)
+    second = s3_faults.hold("PUT", f"{out[5:]}/part-")
+    second.wait(120)
+    first.release()
+    second.release()
+    job.join(300)
+    assert result["code"] == 0
     result = read_output(out).sort_by("id")
     assert result.num_rows == corpus.num_rows
     assert result["id"].to_pylist() == corpus["id"].to_pylist()  # every row once, none duplicated
@@ -40,7 +60,7 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     assert result["text"].to_pylist() == corpus["text"].to_pylist()
     assert result["source"].to_pylist() == corpus["source"].to_pylist()
     unlabelled = result.filter(pa.compute.is_null(result["pred_label"]))
-    assert unlabelled["id"].to_pylist() == [5, 900] and unlabelled["pred_score"].null_count == 2
+    assert unlabelled["id"].to_pylist() == [5, 2200] and unlabelled["pred_score"].null_count == 2
     assert unlabelled["pred_skip_reason"].to_pylist() == ["null_text", "null_text"]
     result = result.filter(pa.compute.is_valid(result["pred_label"]))
     assert set(result["pred_label"].to_pylist()) == {"negative", "positive"}
@@ -51,15 +71,22 @@ def test_labels_a_corpus_from_s3_to_s3(trained, s3_prefix):
     accuracy = np.mean(np.array(result["pred_label"].to_pylist()) == np.array(result["label"].to_pylist()))
     assert accuracy > 0.9
     summary = storage.read_json(resolve(out).join("_summary.json"))
-    assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_labelled"] == 3
+    assert summary["rows_in"] == summary["rows_out"] == corpus.num_rows and summary["files_labelled"] == 2
     assert summary["rows_skipped"] == {"null_text": 2} and summary["rows_labelled"] == corpus.num_rows - 2
-    assert summary["pool"]["why"].startswith("as asked") and summary["pool"]["cpus_per_actor"] == 0.5
+    pool = summary["pool"]
+    assert pool["why"].startswith("as asked") and pool["cpus_per_actor"] == 0.5 and summary["units"] == 4
+    assert len(pool["actors"]) == 2  # each actor: when it was ready, its first unit, its units, its busy share
+    for actor in pool["actors"]:
+        assert actor["units"] >= 1 and 0 < actor["busy_share"] <= 1 and actor["ready_s"] <= actor["first_unit_s"]
+        assert actor["isa"] and actor["runtime"] in ("onnx", "torch") and actor["starts"] == 1
+    assert sum(a["units"] for a in pool["actors"]) == 4
     inference = summary["inference"]  # what the predictors did: every row with text, in batches of at most 16
     assert inference["rows"] == corpus.num_rows - 2 and inference["batches"] >= (corpus.num_rows - 2) / 16
     assert 0 < inference["real_tokens"] <= inference["padded_tokens"] and 0 <= inference["padding_share"] < 0.5
-    # One output file per input file, under the same name.
+    # Outputs named after their inputs: the 2,100-row file cut in three row ranges (2 actors x 4 units a night,
+    # none under 1,024 rows), the other whole.
     assert sorted(f.base_name for f in storage.list_files(resolve(out), ".parquet")) == [
-        "part-0.parquet", "part-1.parquet", "part-2.parquet"]
+        "part-0.part-00000.parquet", "part-0.part-00001.parquet", "part-0.part-00002.parquet", "part-1.parquet"]
     # The artifact (a GPT-2: no pad token of its own) in plain transformers, batched, labels as the job did.
     from transformers import pipeline
 

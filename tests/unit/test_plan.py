@@ -176,11 +176,51 @@ def test_small_files_are_packed_into_a_few_units_per_actor_each_file_once():
 
 def test_big_files_are_cut_into_parts_of_their_own_biggest_first():
     big = plan.Listed("big.parquet", "b/big.parquet", 64 << 20, "etag:b")
-    units = plan.make_units([*small(3), big], {"big.parquet": footer(*[(100_000, 100 << 20)] * 5)}, 250_000, 256 << 20, 2)
+    files = [*small(30), big]  # enough files to pack: the big one is cut by the part limits alone
+    units = plan.make_units(files, {"big.parquet": footer(*[(100_000, 100 << 20)] * 5)}, 250_000, 256 << 20, 2)
     parts = [u for u in units if u.items[0].part]
     assert len(parts) == 3 and units[0].items[0].input == "big.parquet"
     assert rows_of([u.items[0].part for u in parts]) == list(range(500_000))
     assert plan.Unit.from_json(parts[1].to_json()) == parts[1]
+
+
+def _night(files: int, rows: int = 20_000) -> tuple[list[plan.Listed], dict[str, plan.Footer]]:
+    listed = small(files, size=rows * 50)
+    return listed, {f.input: footer((rows, rows * 50)) for f in listed}
+
+
+@pytest.mark.parametrize("files", [1, 2, 8, 1000])
+@pytest.mark.parametrize("actors", [1, 2, 64])
+def test_every_actor_gets_a_few_units_when_the_rows_allow_each_row_in_exactly_one(files, actors):
+    listed, footers = _night(files)
+    units = plan.make_units(listed, footers, 250_000, 256 << 20, actors)
+    total = 20_000 * files
+    # UNITS_PER_ACTOR units per actor, or as many as MIN_PART_ROWS-row parts the night's rows make
+    assert len(units) >= min(plan.UNITS_PER_ACTOR * actors, total // plan.MIN_PART_ROWS)
+    spans: dict[str, list[tuple[int, int]]] = {}
+    sizes = []
+    for u in units:
+        for i in u.items:
+            spans.setdefault(i.input, []).append((i.part.start, i.part.stop) if i.part else (0, 20_000))
+        sizes.append(sum(i.part.stop - i.part.start if i.part else 20_000 for i in u.items))
+    for name, found in spans.items():  # each file's rows, end to end, once
+        found.sort()
+        assert found[0][0] == 0 and found[-1][1] == 20_000 and all(a[1] == b[0] for a, b in zip(found, found[1:])), name
+    assert sorted(spans) == [f.input for f in listed]
+    assert max(sizes) <= 2 * total / len(units)  # even shares: no actor waits on one big unit at the end
+    cut = plan.cuts_files(files, actors)
+    assert cut == (files < plan.UNITS_PER_ACTOR * actors)
+    assert all((i.part is not None) == cut for u in units for i in u.items)  # cut from footers, or packed whole
+
+
+def test_a_small_night_is_cut_no_finer_than_min_part_rows_and_a_tiny_one_stays_whole():
+    listed, footers = _night(2, rows=3000)
+    units = plan.make_units(listed, footers, 250_000, 256 << 20, actors=64)
+    assert len(units) == 6 and all(u.items[0].part.stop - u.items[0].part.start == 1000 for u in units)
+    tiny, tiny_footers = _night(1, rows=40)
+    assert [(u.items[0].part.start, u.items[0].part.stop) for u in plan.make_units(tiny, tiny_footers, 250_000, 256 << 20, 8)] == [(0, 40)]
+    unknown = plan.make_units(listed, {}, 250_000, 256 << 20, actors=2)  # no footer: packed whole, never lost
+    assert sorted(i.input for u in unknown for i in u.items) == [f.input for f in listed]
 
 
 def result(part: int, parts: int, fp: str = "etag:1", **kw) -> ItemResult:

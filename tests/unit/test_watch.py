@@ -114,3 +114,29 @@ def test_drain_passes_results_and_errors_through():
 
     with pytest.raises(ValueError, match="a block failed"):
         list(drain(broken(), lambda: None, every=0.05))
+
+
+def test_the_pool_report_gives_each_actors_ready_and_first_unit_times_and_busy_share(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    tracker = Tracker(part_timeout=60)
+    tracker.arrived("actor-a")
+    tracker.arrived("actor-b")
+    clock.now += 4
+    tracker.ready("actor-a", {"isa": "AVX2 AVX-512 VNNI", "runtime": "onnx"})
+    tracker.start("0", "a", "reading", who="actor-a")
+    clock.now += 1
+    tracker.ready("actor-b", {"isa": "AVX2 AVX-512 VNNI", "runtime": "onnx"})
+    tracker.start("1", "b", "reading", who="actor-b")
+    clock.now += 5
+    tracker.end("0")
+    tracker.start("2/x.parquet", "a", "reading", who="actor-a")  # a file of a pack run one by one: not a unit
+    tracker.finish("2/x.parquet", [])
+    clock.now += 5
+    tracker.end("1")
+    report = tracker.report()
+    assert report["labelling_s"] == 15 and report["busy_share_min"] == pytest.approx(6 / 15, abs=1e-4)
+    a, b = report["actors"]
+    assert (a["actor"], a["ready_s"], a["first_unit_s"], a["units"], a["busy_s"]) == ("actor-a", 4, 4, 1, 6)
+    assert (b["actor"], b["ready_s"], b["first_unit_s"], b["units"], b["busy_s"]) == ("actor-b", 5, 5, 1, 10)
+    assert a["isa"] == "AVX2 AVX-512 VNNI" and b["busy_share"] == pytest.approx(10 / 15, abs=1e-4)
