@@ -10,7 +10,10 @@ the predictor's time it waited for input (reading and tokenizing running behind)
 and MFU on real tokens: real tokens/s x FLOPs per token (../shared/PERF.md: 2 x L x (4d^2 + 2 d ff)
 + 4 x L x s x d, s the mean real row length) over the bf16 peak of the detected GPU. "steady" figures
 count the predictors' labelling loop (model + waiting for input); "wall" ones the whole job, with
-Ray and actor start-up. Data is generated: sentences of random words, labelled by which list dominates.
+Ray and actor start-up. Each model's corpus is a night of few big files (--files, 2 by default), as a
+handful of daily exports is: per actor it reports when the actor was ready, when it got its first unit,
+its units and its busy share of the night (the summary's ``pool``), and what it ran on (GPU, the host
+CPU's instruction set). Data is generated: sentences of random words, labelled by which list dominates.
 """
 
 from __future__ import annotations
@@ -101,7 +104,10 @@ def label_figures(summary: dict, model_dir: str, gpus: int, peak_tflops: float |
            "input_wait_share": inf["input_wait_share"], "oom_splits": inf.get("oom_splits", 0),
            "actor_start_seconds": round(inf.get("init_seconds", 0.0) / actors, 1),
            "gflop_per_real_token": round(per_token / 1e9, 4),
-           "peak_gpu_memory_gib": round(memory.peak / 2**30, 2) if memory else None}
+           "peak_gpu_memory_gib": round(memory.peak / 2**30, 2) if memory else None,
+           "units": summary.get("units"), "labelling_s": pool.get("labelling_s"),
+           "actors_busy": [{k: a.get(k) for k in ("actor", "gpu", "isa", "ready_s", "first_unit_s", "units", "busy_share")}
+                           for a in pool.get("actors", [])]}
     if peak_tflops:
         out["mfu_real_tokens"] = {k: round(v * per_token / (peak_tflops * 1e12), 4) for k, v in out["real_tokens_per_s_per_gpu"].items()}
     return out
@@ -123,6 +129,7 @@ def main() -> None:
     parser.add_argument("--label-rows", type=int, default=500_000 if gpus else 1_000, help="rows labelled by each model")
     parser.add_argument("--bert-base-rows", type=int, help="rows labelled by BERT-base (default: --label-rows; 200 on CPU)")
     parser.add_argument("--batch-size", type=int, default=64 if gpus else 16, help="training batch per worker")
+    parser.add_argument("--files", type=int, default=2, help="files each model's corpus is laid out in (few and big)")
     parser.add_argument("--json-out", help="also write the figures to this file")
     args = parser.parse_args()
     setup_logging()
@@ -153,7 +160,7 @@ def main() -> None:
     for i, (label, (model_dir, rows)) in enumerate(models.items()):
         corpus = make_rows(rows, 1 + i).drop_columns(["label"])
         (work / f"corpus-{i}").mkdir()
-        step = -(-rows // 16)  # 16 files: units for every actor
+        step = -(-rows // args.files)  # few big files: the job cuts them into units for every actor
         for k, start in enumerate(range(0, rows, step)):
             pq.write_table(corpus.slice(start, step), work / f"corpus-{i}" / f"part-{k:02d}.parquet")
         if memory:

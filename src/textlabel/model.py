@@ -360,6 +360,14 @@ def pad_token_id(net, tokenizer) -> int:
     return int(found or 0)
 
 
+def config_pad_id(model_dir: str, tokenizer) -> int:
+    """What pad_token_id gives for the model in ``model_dir``, from its config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    found = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).pad_token_id
+    return int((found if found is not None else tokenizer.pad_token_id) or 0)
+
+
 def for_inference(cls, model_dir: str):
     """``cls.from_pretrained`` with PyTorch SDPA attention, or the architecture's own where it has none."""
     no_bars()

@@ -288,20 +288,31 @@ class Predictor:
         self.precision = precision or ("bf16" if use_gpu else "fp32")
         self.runtime = runtime_lib.choose(runtime, use_gpu, self.precision)
         model_dir = model_lib.local_model_dir(model)
-        net, self.tasks = model_lib.inference_model(model_dir)
+        tokenizer = tokenizer_for(model)
+        if self.runtime == "onnx" and runtime_lib.fits_onnx(model_dir):
+            # From the node's cache the ONNX files need no torch model: it is loaded only to export one.
+            self.tasks = model_lib.tasks_of(model_dir)
+            self.full, self.fast, self.onnx_cache = runtime_lib.onnx_engines(
+                lambda: model_lib.inference_model(model_dir)[0], len(self.tasks), threads, quantize, identity)
+            self.pad_id = model_lib.config_pad_id(model_dir, tokenizer)
+        else:
+            if self.runtime == "onnx":
+                logger.warning("the model's weights are over what one ONNX file holds: running it on torch")
+                self.runtime = "torch"
+            net, self.tasks = model_lib.inference_model(model_dir)
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            net = net.to(device, dtype=dtype)  # cast once: no autocast over fp32 weights
+            if compile:
+                net = torch.compile(net, dynamic=True)
+            self.full, self.fast = runtime_lib.torch_engines(net, device, quantize)
+            self.onnx_cache = {}
+            self.pad_id = model_lib.pad_token_id(net, tokenizer)  # a decoder pools the last token before it
         self.temperatures = model_lib.temperatures(model_dir, len(self.tasks))  # 1.0: the softmax as it is
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        net = net.to(device, dtype=dtype)  # cast once: no autocast over fp32 weights
-        if compile:
-            net = torch.compile(net, dynamic=True)
-        self.full, self.fast, self.onnx_cache = runtime_lib.engines(net, len(self.tasks), device, threads, quantize,
-                                                                    self.runtime, identity)
         self.quantize, self.threads = quantize, threads
         self.device = device
         self.recheck_margin = recheck_margin if quantize else 0.0
         self.max_tokens = max_tokens or DEFAULT_MAX_TOKENS["gpu" if use_gpu else "cpu"]
         self.max_rows = max_rows
-        self.pad_id = model_lib.pad_token_id(net, tokenizer_for(model))  # a decoder pools the last token before it
         self.hooks = hooks or {}
         self.stats = Stats()
 

@@ -8,13 +8,14 @@ int64 numpy arrays of rows x width, returning the logits of each task as float32
   ``quantize``, its per-channel dynamic int8. The export (and the int8 model) is cached on
   the node beside the model cache (``onnx_cached``), keyed by the model's content identity, so
   only the first night on a node pays for it; an entry whose files do not match the hashes it
-  recorded (a crash mid-write, a disk fault) is rebuilt. Side by side on this project's 2-core machine, one thread each
-  (benchmarks/predictor_variants.py): fp32 1.18x torch's speed with the same labels, int8 1.04x
+  recorded (a crash mid-write, a disk fault) is rebuilt. From the cache no torch model is
+  loaded at all (an actor is ready about 3 s sooner). Side by side on this project's 2-core
+  machine, one thread each (benchmarks/predictor_variants.py): fp32 1.18x torch's speed with the same labels, int8 1.04x
   torch's int8 moving 2.4x fewer labels before the fp32 recheck; in the labelling job 1.14x and
   1.06x end to end (README, "Measured figures"). The default on CPU; GPUs run torch.
 
-``choose`` picks the runtime; ``engines`` builds the full-precision engine and the fast one
-(the same object unless quantized). ``host_facts`` says what an actor runs on (the CPU's
+``choose`` picks the runtime; ``onnx_engines`` and ``torch_engines`` build the full-precision
+engine and the fast one (the same object unless quantized). ``host_facts`` says what an actor runs on (the CPU's
 instruction set: AVX2, AVX-512, VNNI, BF16, AMX; the GPU), for the run's summary.
 """
 
@@ -140,19 +141,26 @@ def export_onnx(net, path: str, outputs: int) -> None:
                           dynamic_axes=axes, opset_version=17, dynamo=False)
 
 
-def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: str, identity: str | None = None
-            ) -> tuple[Engine, Engine, dict[str, str]]:
-    """(full precision, fast) engines for a loaded module on ``runtime`` (torch or onnx), and how ONNX files came
-    (from the node's cache or built: ``onnx_cached``; ``identity``, the model's content identity, keys them)."""
-    if runtime == "onnx":
-        size = sum(p.numel() * p.element_size() for p in net.parameters())
-        if size > ONNX_MAX_BYTES:
-            logger.warning("the model has %.1f GB of weights, over what one ONNX file holds: running it on torch", size / 1e9)
-        else:
-            return _onnx_engines(net, outputs, threads, quantize, identity)
+def fits_onnx(model_dir: str) -> bool:
+    """Whether a model's weights fit one ONNX file (a protobuf holds at most 2 GB): from its *.safetensors sizes; a
+    hub id (no directory yet) is taken to fit (an export too big fails, naming the size)."""
+    if not os.path.isdir(model_dir):
+        return True
+    size = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    try:
+        with open(os.path.join(model_dir, "config.json")) as fh:
+            config = json.load(fh)
+        saved = config.get("dtype") or config.get("torch_dtype")
+    except (OSError, ValueError):
+        saved = None
+    return size * (2 if saved in ("bfloat16", "float16") else 1) <= ONNX_MAX_BYTES  # exported in fp32
+
+
+def torch_engines(net, device, quantize: bool) -> tuple[Engine, Engine]:
+    """(full precision, fast) engines for a loaded torch module: the same one, or its dynamic int8 copy."""
     full = TorchEngine(net, device)
     if not quantize:
-        return full, full, {}
+        return full, full
     import copy
 
     import torch
@@ -163,7 +171,7 @@ def engines(net, outputs: int, device, threads: int, quantize: bool, runtime: st
         # Per-channel weight scales: per-tensor ones flipped ~1.5 points more labels (README).
         fast = torch.ao.quantization.quantize_dynamic(as_linear(copy.deepcopy(net)), {torch.nn.Linear: per_channel_dynamic_qconfig},
                                                       dtype=torch.qint8)
-    return full, TorchEngine(fast, device), {}
+    return full, TorchEngine(fast, device)
 
 
 def as_linear(net):
@@ -246,10 +254,18 @@ def _export_key(identity: str | None, outputs: int, variant: str) -> list[Any] |
     return [identity, outputs, variant, EXPORT_FORMAT, torch.__version__, onnx.__version__, onnxruntime.__version__]
 
 
-def _onnx_engines(net, outputs: int, threads: int, quantize: bool, identity: str | None = None
-                  ) -> tuple[Engine, Engine, dict[str, str]]:
-    """(full, fast, how each file came: the cache's hit/miss/rebuilt)."""
+def onnx_engines(load: Callable[[], Any], outputs: int, threads: int, quantize: bool, identity: str | None = None
+                 ) -> tuple[Engine, Engine, dict[str, str]]:
+    """(full precision, fast) ONNX Runtime engines, and how each file came (onnx_cached: hit, miss, rebuilt,
+    uncached). ``load()`` gives the torch module to export; it is called only when a file must be built."""
     made: list[Path] = []
+    net: list[Any] = []
+    came: dict[str, str] = {}
+
+    def module():
+        if not net:
+            net.append(load())
+        return net[0]
 
     def cached(variant: str, build: Callable[[str], None]) -> Path:
         where, how = onnx_cached(_export_key(identity, outputs, variant), build)
@@ -258,9 +274,8 @@ def _onnx_engines(net, outputs: int, threads: int, quantize: bool, identity: str
             made.append(where)
         return where / "model.onnx"
 
-    came: dict[str, str] = {}
     try:
-        fp32 = cached("fp32", lambda path: export_onnx(net, path, outputs))
+        fp32 = cached("fp32", lambda path: export_onnx(module(), path, outputs))
         full = OnnxEngine(str(fp32), threads)
         if not quantize:
             return full, full, came

@@ -42,3 +42,9 @@ def test_figures_per_gpu_split_wall_from_the_actors_steady_loop_and_give_mfu_on_
     per_token = gpu_check.flops_per_token(str(tmp_path), 20.0)
     assert figures["mfu_real_tokens"]["steady"] == round(10000 * per_token / 989e12, 4)
     assert "mfu_real_tokens" not in gpu_check.label_figures(summary, str(tmp_path), gpus=0, peak_tflops=None, memory=None)
+    summary["pool"] |= {"labelling_s": 10.0, "actors": [{"actor": "a1", "gpu": "NVIDIA H200", "isa": "AVX2 AVX-512",
+                                                          "ready_s": 2.0, "first_unit_s": 2.1, "units": 4,
+                                                          "busy_share": 0.93, "pid": 7}]}
+    busy = gpu_check.label_figures(summary, str(tmp_path), gpus=1, peak_tflops=None, memory=None)["actors_busy"]
+    assert busy == [{"actor": "a1", "gpu": "NVIDIA H200", "isa": "AVX2 AVX-512", "ready_s": 2.0, "first_unit_s": 2.1,
+                     "units": 4, "busy_share": 0.93}]  # each GPU actor's share of the night
