@@ -371,7 +371,7 @@ def _pool_report(night: Night, tracker) -> None:
         logger.warning("the predictor pool's figures could not be read (%s: %s)", type(exc).__name__, exc)
     for a in (night.tally.pool or {}).get("actors", []):
         logger.info("actor %s on %s (%s; %s%s): ready at %ss, first unit at %ss, %d unit(s), busy %.0f%% of %ss",
-                    a["actor"], a.get("node"), a.get("isa"), a.get("runtime"), " int8" if a.get("int8") else "",
+                    a["actor"], a.get("node"), a.get("isa"), a.get("runtime"), f", {a['int8']}" if a.get("int8") else "",
                     a.get("ready_s"), a.get("first_unit_s"), a["units"], 100 * a["busy_share"],
                     night.tally.pool["labelling_s"])
 

@@ -318,8 +318,9 @@ class Predictor:
 
     def facts(self) -> dict:
         """What this predictor runs on and how (runtime.host_facts, the runtime, int8 or not, the ONNX cache)."""
+        int8 = runtime_lib.INT8_VARIANTS.get(self.runtime) if self.quantize else None
         return runtime_lib.host_facts() | {"runtime": self.runtime, "precision": self.precision, "threads": self.threads,
-                                           "int8": self.quantize, **({"onnx_cache": self.onnx_cache} if self.onnx_cache else {})}
+                                           "int8": int8, **({"onnx_cache": self.onnx_cache} if self.onnx_cache else {})}
 
     def _arrays(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Padded token ids and attention mask, built without a Python loop per row (a GPU batch has thousands)."""

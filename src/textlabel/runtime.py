@@ -85,8 +85,16 @@ def onnx_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
+# --quantize's int8 variant per runtime, as the summary names it. On CPU, auto picks the fastest variant whose
+# labels agree with fp32's on at least 99% of rows before the recheck (benchmarks/predictor_variants.py, README
+# "int8 by instruction set"): ONNX Runtime's dynamic per-channel int8 on every host measured. Torch's dynamic int8
+# agreed on 98.1% (it moves twice the labels); ONNX Runtime's static QDQ int8 was slower at lower agreement.
+INT8_VARIANTS = {"onnx": "onnxruntime dynamic int8, per-channel", "torch": "torch dynamic int8, per-channel"}
+
+
 def choose(runtime: str, use_gpu: bool, precision: str) -> str:
-    """The runtime a predictor uses: --runtime, where auto is onnx on CPU in full precision or int8, torch otherwise."""
+    """The runtime a predictor uses: --runtime, where auto is onnx on CPU in full precision or int8 (INT8_VARIANTS),
+    torch otherwise."""
     if runtime == "auto":
         return "onnx" if not use_gpu and precision == "fp32" and onnx_installed() else "torch"
     return runtime

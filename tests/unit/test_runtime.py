@@ -85,4 +85,4 @@ def test_a_predictor_takes_its_onnx_model_from_the_nodes_cache_and_labels_the_sa
     assert a["label"].to_pylist() == b["label"].to_pylist()
     np.testing.assert_array_equal(a["score"].to_numpy(), b["score"].to_numpy())
     facts = again.facts()
-    assert facts["runtime"] == "onnx" and facts["int8"] and facts["isa"] and facts["onnx_cache"]["fp32"] == "hit"
+    assert facts["runtime"] == "onnx" and facts["int8"] == "onnxruntime dynamic int8, per-channel" and facts["isa"] and facts["onnx_cache"]["fp32"] == "hit"
