@@ -276,7 +276,7 @@ class LabelConfig(InferenceOptions):
     input: str = _opt("", "Parquet file or prefix to label (every *.parquet under it): local, file:// or s3://.", True)
     output: str = _opt("", "Output prefix, owned by textlabel: one labelled Parquet file per input file (same relative name), _manifest/, _summary.json and, while a run lives, _lease.json. Rerunning labels only what is new.", True)
     label_prefix: str = _opt("", "Prefix for the added columns (label, label_id, score, truncated, skip_reason), e.g. pred_ when the input has a label column.")
-    rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...).")
+    rows_per_file: int = _opt(250_000, "Most rows per output file: a bigger input file is cut, at row-group boundaries, into parts labelled in parallel (NAME.part-00000.parquet, ...). A night of fewer files than four per actor cuts its files finer, into even shares of its rows (at least 1,024 rows each), to keep every actor busy.")
     part_bytes: int = _opt(256 << 20, "Most uncompressed input bytes per part (one output file): bounds an actor's memory; a bigger row group is cut into slices.")
     max_attempts: int = _opt(3, "Times a unit of work may end its predictor process (out of memory, a crash, --part-timeout) before its files are recorded as failed.")
     part_timeout: float = _opt(1800.0, "A unit of work that reads or labels no row for this many seconds (a hung read, a stuck model) is abandoned and its predictor process killed: an attempt; after --max-attempts its files are recorded failed.")
