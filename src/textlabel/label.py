@@ -336,7 +336,8 @@ def _label_units(night: Night) -> None:
     ds = ray.data.from_items([{"unit": u.to_json()} for u in night.units], override_num_blocks=len(night.units)).map_batches(
         PartLabeller, batch_size=1, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": dataclasses.asdict(_spec(night)), "tracker": tracker},
-        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=1),  # an idle actor takes the next unit: none queued behind a busy one
+        # One unit in flight per actor: an idle actor takes the next unit, none waits queued behind a busy one.
+        compute=ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor if cfg.use_gpu else 0,
     )
     results: dict[str, list[ItemResult]] = {}
@@ -367,7 +368,7 @@ def _pool_report(night: Night, tracker) -> None:
 
     try:
         night.tally.pool = (night.tally.pool or {}) | ray.get(tracker.report.remote(), timeout=60)
-    except Exception as exc:  # noqa: BLE001 - figures only
+    except Exception as exc:  # figures only
         logger.warning("the predictor pool's figures could not be read (%s: %s)", type(exc).__name__, exc)
     for a in (night.tally.pool or {}).get("actors", []):
         logger.info("actor %s on %s (%s; %s%s): ready at %ss, first unit at %ss, %d unit(s), busy %.0f%% of %ss",

@@ -74,14 +74,6 @@ def _content(name: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def identity(model: str | None) -> str:
     """Which model labelled a file, as the manifest's records and each output's metadata name it: a hash of what
     decides its labels, not of where it lies, so the same model moved, copied or registered again is the same
@@ -101,7 +93,7 @@ def identity(model: str | None) -> str:
     loc = storage.resolve(model)
     files = {f["path"].rsplit("/", 1)[-1]: f for f in storage.list_versions(loc, "")
              if "/" not in f["path"][len(loc.path):].strip("/")}
-    weights = [(n, f["fingerprint"] if storage.is_remote(model) else "sha256:" + _file_sha256(f["path"])[:16])
+    weights = [(n, f["fingerprint"] if storage.is_remote(model) else "sha256:" + storage.file_sha256(f["path"])[:16])
                for n, f in sorted(files.items()) if n.endswith(".safetensors")]
     hashed = {n: _content(n, storage.read_bytes(loc.join(n))) for n in sorted(files)
               if n in _CONFIG_FILES or _TOKENIZER_FILE.fullmatch(n)}

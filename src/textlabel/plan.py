@@ -13,9 +13,9 @@ unit-tested in milliseconds, at any scale.
    file is a unit; small files (up to PACK_FILE_BYTES, read whole in one request) are packed
    together, so a corpus of many small files pays per pack, not per file, for tasks, model
    batches and scheduling. A night of fewer files than that (``cuts_files``: a handful of
-   daily exports on many actors) cuts every file, from its footer, into row ranges of an
-   even share of the night's rows (no fewer than MIN_PART_ROWS each): two files on two
-   actors make eight units, not two units on whichever actor was ready first.
+   daily exports on many actors) cuts every file bigger than an even share of the night's
+   rows (no fewer than MIN_PART_ROWS), from its footer, into row ranges of that share: two
+   files on two actors make eight units, not two units on whichever actor was ready first.
 """
 
 from __future__ import annotations
@@ -334,15 +334,17 @@ def make_units(pending: list[Listed], footers: dict[str, Footer], most_rows: int
                actors: int) -> list[Unit]:
     """The units for the pending files on a pool of ``actors``: one per part of each big file (is_big: its footer
     must be in ``footers``), packs of the rest; or, when there are too few files for that to give every actor
-    UNITS_PER_ACTOR units (cuts_files), one per row range of every file whose footer is known, each about an
-    even share of the night's rows (at least MIN_PART_ROWS, at most ``most_rows``). Biggest first, so the night
+    UNITS_PER_ACTOR units (cuts_files), one per row range of every file whose footer shows more rows than an
+    even share of the night's (at least MIN_PART_ROWS, at most ``most_rows``), each about that share; files
+    with fewer stay whole, packed. Biggest first, so the night
     does not end waiting on one big part."""
     cut = {f.input for f in pending if is_big(f, most_bytes)}
     rows_each = most_rows
     if cuts_files(len(pending), actors):
-        cut |= {f.input for f in pending if f.input in footers}
-        total = sum(footers[f].rows for f in cut)
+        known = [f.input for f in pending if f.input in footers]
+        total = sum(footers[f].rows for f in known)
         rows_each = min(most_rows, max(MIN_PART_ROWS, -(-total // (UNITS_PER_ACTOR * max(1, actors)))))
+        cut |= {f for f in known if footers[f].rows > rows_each}  # a file too small to cut stays whole: one GET
     units: list[list[Item]] = []
     for f in pending:
         if f.input in cut:

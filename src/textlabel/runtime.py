@@ -36,6 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from textlabel import storage
+
 logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -200,14 +202,6 @@ def as_linear(net):
     return net
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def onnx_cached(key: list[Any] | None, build: Callable[[str], None], name: str = "model.onnx") -> tuple[Path, str]:
     """The ONNX file ``build(path)`` writes, from the node's cache when ``key`` (what the file is made from: the
     model's content identity, the variant, the exporter's versions) has a sound entry there: (its directory, "hit",
@@ -218,15 +212,13 @@ def onnx_cached(key: list[Any] | None, build: Callable[[str], None], name: str =
         work = Path(tempfile.mkdtemp(prefix="textlabel-onnx-"))
         build(str(work / name))
         return work, "uncached"
-    from textlabel import storage
-
     target = storage.cache_root() / "onnx" / hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
     marker = target / ".complete"
     how = "miss"
     if target.exists():
         try:
             files = json.loads(marker.read_text())["files"]
-            if files and all(_sha256(target / n) == h for n, h in files.items()):
+            if files and all(storage.file_sha256(target / n) == h for n, h in files.items()):
                 return target, "hit"
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -235,7 +227,7 @@ def onnx_cached(key: list[Any] | None, build: Callable[[str], None], name: str =
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     build(str(tmp / name))
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: storage.file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / ".complete").write_text(json.dumps({"key": key, "files": files}))
     old = target.with_name(f"{target.name}.old-{os.getpid()}")
     if target.exists():

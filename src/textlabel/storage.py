@@ -6,6 +6,7 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL_S3``, instance profiles, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -438,6 +439,15 @@ def copy_dir(src: Location, dst: Location, suffixes: tuple[str, ...] | None = No
             write_bytes(dst.join(f.base_name), data.read())
         copied.append(f.base_name)
     return copied
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a local file, read 4 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_root() -> Path:

@@ -217,8 +217,14 @@ def test_a_small_night_is_cut_no_finer_than_min_part_rows_and_a_tiny_one_stays_w
     listed, footers = _night(2, rows=3000)
     units = plan.make_units(listed, footers, 250_000, 256 << 20, actors=64)
     assert len(units) == 6 and all(u.items[0].part.stop - u.items[0].part.start == 1000 for u in units)
-    tiny, tiny_footers = _night(1, rows=40)
-    assert [(u.items[0].part.start, u.items[0].part.stop) for u in plan.make_units(tiny, tiny_footers, 250_000, 256 << 20, 8)] == [(0, 40)]
+    tiny, tiny_footers = _night(1, rows=40)  # too small to cut: whole, read in one GET
+    assert [[(i.input, i.part) for i in u.items] for u in plan.make_units(tiny, tiny_footers, 250_000, 256 << 20, 8)] == [
+        [(tiny[0].input, None)]]
+    mixed, mixed_footers = _night(2, rows=3000)
+    mixed_footers[mixed[1].input] = footer((500, 25_000))  # 3,500 rows on 64 actors: shares of 1,024
+    units = plan.make_units(mixed, mixed_footers, 250_000, 256 << 20, actors=64)
+    assert sorted((i.input, i.part is None) for u in units for i in u.items) == [
+        (mixed[0].input, False)] * 3 + [(mixed[1].input, True)]
     unknown = plan.make_units(listed, {}, 250_000, 256 << 20, actors=2)  # no footer: packed whole, never lost
     assert sorted(i.input for u in unknown for i in u.items) == [f.input for f in listed]
 
